@@ -1,0 +1,108 @@
+"""Datasets in the real on-disk formats, joint transforms, collate functions and LightningDataModules.
+
+* Readers: :func:`read_image`, :func:`read_label_map` (``image_io``).
+* Datasets: :class:`COCODataset`, :class:`ADE20KDataset`, :class:`ImageFolderClassification`,
+  :class:`UnlabeledImageFolder`.
+* Transforms (``transforms``) and their presets (``presets``): ``(image, target) -> (image, target)`` callables that
+  keep boxes, instance masks and label maps consistent with the image.
+* Collate functions (``collate``) and datamodules (``datamodules``, the only module here that imports Lightning).
+* Synthetic writers (``synthetic``): tiny datasets in the same real formats, for tests and the quickstart.
+"""
+
+from visionkit.data.ade20k import ADE20K_CLASSES, ADE20KDataset
+from visionkit.data.coco import COCODataset, COCOFormatError
+from visionkit.data.collate import (
+    SEGMENTATION_IGNORE_INDEX,
+    collate_classification,
+    collate_detection,
+    collate_segmentation,
+    collate_unlabeled,
+)
+from visionkit.data.datamodules import (
+    ADE20KDataModule,
+    BaseDataModule,
+    COCODataModule,
+    ImageFolderDataModule,
+    SeededRandomSampler,
+    UnlabeledImageFolderDataModule,
+)
+from visionkit.data.image_folder import ImageFolderClassification, UnlabeledImageFolder
+from visionkit.data.image_io import IMAGE_EXTENSIONS, ImageReadError, read_image, read_label_map
+from visionkit.data.presets import classification_transforms, detection_transforms, segmentation_transforms
+from visionkit.data.synthetic import (
+    DEMO_KINDS,
+    DEMO_SIZES,
+    SHAPE_CATEGORIES,
+    SHAPE_CLASS_NAMES,
+    write_demo_data,
+    write_shapes_ade20k,
+    write_shapes_classification,
+    write_shapes_coco,
+)
+from visionkit.data.transforms import (
+    CLIP_MEAN,
+    CLIP_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    CenterCrop,
+    Compose,
+    JointTransform,
+    Normalize,
+    PadToMultiple,
+    RandomCrop,
+    RandomHorizontalFlip,
+    RandomResizedCrop,
+    Resize,
+    ResizeShortestSide,
+    ToFloat,
+)
+
+__all__ = [
+    "ADE20K_CLASSES",
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "DEMO_KINDS",
+    "DEMO_SIZES",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "IMAGE_EXTENSIONS",
+    "SEGMENTATION_IGNORE_INDEX",
+    "SHAPE_CATEGORIES",
+    "SHAPE_CLASS_NAMES",
+    "ADE20KDataModule",
+    "ADE20KDataset",
+    "BaseDataModule",
+    "COCODataModule",
+    "COCODataset",
+    "COCOFormatError",
+    "CenterCrop",
+    "Compose",
+    "ImageFolderClassification",
+    "ImageFolderDataModule",
+    "ImageReadError",
+    "JointTransform",
+    "Normalize",
+    "PadToMultiple",
+    "RandomCrop",
+    "RandomHorizontalFlip",
+    "RandomResizedCrop",
+    "Resize",
+    "ResizeShortestSide",
+    "SeededRandomSampler",
+    "ToFloat",
+    "UnlabeledImageFolder",
+    "UnlabeledImageFolderDataModule",
+    "classification_transforms",
+    "collate_classification",
+    "collate_detection",
+    "collate_segmentation",
+    "collate_unlabeled",
+    "detection_transforms",
+    "read_image",
+    "read_label_map",
+    "segmentation_transforms",
+    "write_demo_data",
+    "write_shapes_ade20k",
+    "write_shapes_classification",
+    "write_shapes_coco",
+]

@@ -1,0 +1,557 @@
+"""LightningDataModules for COCO, ADE20K, image-folder classification and unlabeled image folders (pretraining).
+
+Every ``__init__`` argument is a plain, typed value, so each datamodule can be configured from YAML through
+``visionkit.cli`` (``data.class_path: COCODataModule`` plus ``init_args``), and the saved hyper-parameters keep
+checkpoints loadable with ``torch.load(weights_only=True)``.
+
+Shuffling is seeded: the training sampler's permutation for epoch ``e`` depends only on ``(seed, e)``, where ``seed``
+is the ``seed`` argument or, when that is ``None``, ``torch.initial_seed()`` when the training loader is built (the
+seed of ``seed_everything``); so do the seeds PyTorch gives the loader's workers, and creating an iterator does not
+touch the global RNG. Random augmentations draw from torch's global RNG: in the main process (``num_workers=0``) or
+in each worker, seeded from its worker seed. A run resumed from an end-of-epoch checkpoint therefore sees the same
+order and (with ``visionkit.tasks.callbacks.ReseedEveryEpoch``) the same augmentations as an uninterrupted run, with
+or without workers: Lightning creates the resumed epoch's iterator before it calls ``set_epoch``, so the loader starts
+at the restored epoch count. That holds as long as nothing asks for the training loader before Lightning restores the
+loops (``BaseTask`` reads ``estimated_stepping_batches`` only at the first optimiser step for this reason).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from visionkit.data.ade20k import IGNORE_INDEX, ADE20KDataset
+from visionkit.data.coco import COCODataset
+from visionkit.data.collate import collate_classification, collate_detection, collate_segmentation, collate_unlabeled
+from visionkit.data.image_folder import ImageFolderClassification, UnlabeledImageFolder
+from visionkit.data.presets import classification_transforms, detection_transforms, segmentation_transforms
+from visionkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = [
+    "ADE20KDataModule",
+    "BaseDataModule",
+    "COCODataModule",
+    "ImageFolderDataModule",
+    "SeededRandomSampler",
+    "UnlabeledImageFolderDataModule",
+]
+
+
+def _epoch_seed(seed: int, epoch: int, stream: int) -> int:
+    """A 63-bit seed for ``(seed, epoch)``; ``stream`` separates independent uses of the same pair."""
+    return int(np.random.SeedSequence([seed % 2**64, epoch, stream]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+class SeededRandomSampler(Sampler[int]):
+    """Random permutation of ``range(num_samples)`` that depends only on ``(seed, epoch)``.
+
+    Lightning calls :meth:`set_epoch` before every training epoch (as for ``DistributedSampler``); in a plain loop the
+    epoch advances by one after each pass. ``loader_generator`` is meant to be the ``DataLoader``'s ``generator``:
+    it is re-seeded from ``(seed, epoch)`` as well, so the worker seeds that PyTorch draws from it when an epoch's
+    iterator is created depend neither on the global RNG nor on when the iterator was created.
+
+    Args:
+        num_samples: Dataset length.
+        seed: Base seed.
+        epoch: First epoch (the epoch a resumed run starts at).
+    """
+
+    def __init__(self, num_samples: int, seed: int, epoch: int = 0) -> None:
+        self.num_samples = num_samples
+        self.seed = seed
+        self.loader_generator = torch.Generator()
+        self.set_epoch(epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use the permutation and worker seeds of ``epoch`` for the next pass."""
+        self.epoch = epoch
+        self.loader_generator.manual_seed(_epoch_seed(self.seed, epoch, stream=1))
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator()
+        generator.manual_seed(_epoch_seed(self.seed, self.epoch, stream=0))
+        permutation = torch.randperm(self.num_samples, generator=generator).tolist()
+        self.set_epoch(self.epoch + 1)
+        yield from permutation
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class BaseDataModule(pl.LightningDataModule):
+    """Base datamodule: loader settings, seeded shuffling and per-stage dataset construction.
+
+    Subclasses implement :meth:`build_dataset` and set ``collate_fn``. ``setup(stage)`` builds only the splits that
+    ``stage`` needs (``fit``: train and val; ``validate``: val; ``test``: test; ``predict``: predict) and is
+    idempotent.
+
+    Args:
+        batch_size: Training batch size.
+        val_batch_size: Batch size of the val/test/predict loaders; ``None`` uses ``batch_size``.
+        num_workers: Dataloader worker processes (0 loads in the main process).
+        pin_memory: Pin batches in page-locked memory (faster host-to-GPU copies).
+        persistent_workers: Keep workers alive between epochs (only used when ``num_workers > 0``).
+        drop_last: Drop the last incomplete training batch.
+        seed: Shuffling seed; ``None`` uses ``torch.initial_seed()`` when the training loader is built.
+    """
+
+    #: Batches a list of samples; a plain function (or ``functools.partial``) so that workers can pickle it.
+    collate_fn: Callable[[list[Any]], Any] = staticmethod(collate_detection)
+    #: Splits built by each ``setup`` stage.
+    stage_splits: ClassVar[dict[str, tuple[str, ...]]] = {
+        "fit": ("train", "val"),
+        "validate": ("val",),
+        "test": ("test",),
+        "predict": ("predict",),
+    }
+
+    def __init__(
+        self,
+        batch_size: int = 2,
+        val_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        drop_last: bool = False,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1 or (val_batch_size is not None and val_batch_size < 1):
+            raise ValueError(f"batch sizes must be >= 1, got batch_size={batch_size}, val_batch_size={val_batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.save_hyperparameters()
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers
+        self.drop_last = drop_last
+        self.seed = seed
+        self.datasets: dict[str, Dataset] = {}
+
+    def build_dataset(self, split: str) -> Dataset:
+        """Construct the dataset of ``split`` (one of ``train``, ``val``, ``test``, ``predict``) with its transforms."""
+        raise NotImplementedError(f"{type(self).__name__} must implement build_dataset")
+
+    def prepare_data(self) -> None:
+        """Nothing to download (visionkit never downloads); datasets are checked when ``setup`` builds them."""
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the datasets ``stage`` needs (every split of every stage when ``None``); already built ones are kept.
+
+        Args:
+            stage: ``fit``, ``validate``, ``test``, ``predict`` or ``None``.
+
+        Raises:
+            ValueError: If the datamodule does not support ``stage``.
+        """
+        if stage is None:
+            splits = tuple(dict.fromkeys(split for group in self.stage_splits.values() for split in group))
+        elif stage in self.stage_splits:
+            splits = self.stage_splits[stage]
+        else:
+            raise ValueError(
+                f"{type(self).__name__} has no data for stage {stage!r}; supported: {list(self.stage_splits)}"
+            )
+        for split in splits:
+            if split not in self.datasets:
+                dataset = self.build_dataset(split)
+                for other_split, other in self.datasets.items():
+                    self.check_compatible(split, dataset, other_split, other)
+                self.datasets[split] = dataset
+
+    def check_compatible(self, split: str, dataset: Any, other_split: str, other: Any) -> None:
+        """Raise ``ValueError`` if two splits disagree on their classes (a model trained on one mislabels the other).
+
+        Args:
+            split: Name of the newly built split.
+            dataset: Its dataset.
+            other_split: Name of an already built split.
+            other: Its dataset.
+        """
+        names, other_names = getattr(dataset, "class_names", None), getattr(other, "class_names", None)
+        if names is not None and other_names is not None and list(names) != list(other_names):
+            raise ValueError(
+                f"{type(self).__name__}: the {split} split ({dataset!r}) and the {other_split} split ({other!r}) "
+                f"have different classes: {list(names)} vs {list(other_names)}"
+            )
+
+    def dataset(self, split: str) -> Dataset:
+        """The dataset of ``split`` after :meth:`setup`.
+
+        Raises:
+            RuntimeError: If ``split`` has not been set up.
+        """
+        if split not in self.datasets:
+            raise RuntimeError(
+                f"{type(self).__name__}: the {split!r} split is not set up (set up: {sorted(self.datasets)}); "
+                f"call setup() with the stage that needs it first"
+            )
+        return self.datasets[split]
+
+    def _loader(self, split: str, train: bool = False) -> DataLoader:
+        dataset = self.dataset(split)
+        sampler = None
+        if train:
+            seed = self.seed if self.seed is not None else torch.initial_seed()
+            # A resumed run builds (and, with workers, starts) its iterator before Lightning calls set_epoch, so
+            # start at the epoch Lightning will pass to set_epoch: the restored count of processed epochs.
+            epoch = self.trainer.fit_loop.epoch_progress.current.processed if self.trainer is not None else 0
+            sampler = SeededRandomSampler(len(dataset), seed, epoch)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if train else self.val_batch_size,
+            sampler=sampler,
+            shuffle=False if sampler is None else None,
+            generator=sampler.loader_generator if sampler is not None else None,
+            drop_last=self.drop_last and train,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            collate_fn=self.collate_fn,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training loader (seeded, see the module docstring)."""
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation loader, in dataset order."""
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        """Test loader, in dataset order."""
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        """Prediction loader, in dataset order."""
+        return self._loader("predict")
+
+    def _first_dataset(self, order: tuple[str, ...] = ("val", "test", "predict", "train")) -> Any:
+        for split in order:
+            if split in self.datasets:
+                return self.datasets[split]
+        raise RuntimeError(f"{type(self).__name__}: no dataset is set up yet; call setup() first")
+
+    @property
+    def class_names(self) -> list[str]:
+        """Class names in contiguous label order (after :meth:`setup`)."""
+        return list(self._first_dataset().class_names)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (after :meth:`setup`)."""
+        return len(self.class_names)
+
+
+class COCODataModule(BaseDataModule):
+    """COCO 2017 instance detection / segmentation (``COCODataset``; batches from ``collate_detection``).
+
+    Transforms follow detectron2's COCO recipe (:func:`~visionkit.data.presets.detection_transforms`). Images are
+    float32 in ``[0, 1]`` and not normalised unless ``normalize=True`` (torchvision's Mask R-CNN normalises
+    internally). Paths are relative to ``data_root`` unless absolute. Without ``test_images``/``test_ann`` the test
+    and predict stages use the val split. After ``setup``, ``class_names``, ``num_classes``,
+    ``contiguous_to_category_id`` and ``ann_file`` (the ground truth that a COCO evaluator needs) are available.
+
+    Args:
+        data_root: Dataset root, e.g. ``data/coco``.
+        train_images: Training image folder.
+        train_ann: Training instances JSON.
+        val_images: Validation image folder.
+        val_ann: Validation instances JSON.
+        test_images: Test image folder; ``None`` uses the val split.
+        test_ann: Test instances JSON; ``None`` uses the val split.
+        short_side: Evaluation (and default training) short side in pixels.
+        max_size: Upper bound on the long side in pixels.
+        train_short_sides: Training short sides sampled per image (multi-scale); ``None`` uses ``short_side``.
+        flip_prob: Training horizontal-flip probability.
+        filter_empty_train: Drop training images without usable annotations.
+        with_masks: Load instance masks (``False`` for box-only detection).
+        normalize: Standardise images with ``mean``/``std`` instead of returning ``[0, 1]`` floats.
+        mean: Per-channel mean for ``normalize``.
+        std: Per-channel standard deviation for ``normalize``.
+        **kwargs: Loader settings of :class:`BaseDataModule` (``batch_size``, ``num_workers``, ``seed``, ...).
+    """
+
+    collate_fn = staticmethod(collate_detection)
+
+    def __init__(
+        self,
+        data_root: str,
+        train_images: str = "train2017",
+        train_ann: str = "annotations/instances_train2017.json",
+        val_images: str = "val2017",
+        val_ann: str = "annotations/instances_val2017.json",
+        test_images: str | None = None,
+        test_ann: str | None = None,
+        short_side: int = 800,
+        max_size: int = 1333,
+        train_short_sides: list[int] | None = None,
+        flip_prob: float = 0.5,
+        filter_empty_train: bool = True,
+        with_masks: bool = True,
+        normalize: bool = False,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
+        **kwargs: Any,
+    ) -> None:
+        if (test_images is None) != (test_ann is None):
+            raise ValueError(f"give both test_images and test_ann or neither, got {test_images!r} and {test_ann!r}")
+        data_root = str(data_root)  # saved hyper-parameters must stay plain values (no Path) for weights-only loading
+        super().__init__(**kwargs)
+        root = Path(data_root)
+        self.split_paths: dict[str, tuple[Path, Path]] = {
+            "train": (root / train_images, root / train_ann),
+            "val": (root / val_images, root / val_ann),
+        }
+        self.split_paths["test"] = (
+            (root / test_images, root / test_ann) if test_images and test_ann else self.split_paths["val"]
+        )
+        self.split_paths["predict"] = self.split_paths["test"]
+
+    def build_dataset(self, split: str) -> COCODataset:
+        """Construct the ``COCODataset`` of ``split`` with its transforms."""
+        hp = self.hparams
+        train = split == "train"
+        transforms = detection_transforms(
+            train,
+            short_side=hp.short_side,
+            max_size=hp.max_size,
+            train_short_sides=hp.train_short_sides,
+            flip_prob=hp.flip_prob,
+            normalize=hp.normalize,
+            mean=hp.mean,
+            std=hp.std,
+        )
+        images, ann_file = self.split_paths[split]
+        return COCODataset(
+            images,
+            ann_file,
+            transforms=transforms,
+            with_masks=hp.with_masks,
+            filter_empty=train and hp.filter_empty_train,
+        )
+
+    def check_compatible(self, split: str, dataset: Any, other_split: str, other: Any) -> None:
+        """Raise ``ValueError`` if two splits map contiguous labels to different category ids or names."""
+        if dataset.contiguous_to_category_id != other.contiguous_to_category_id:
+            raise ValueError(
+                f"{type(self).__name__}: {dataset.ann_file} ({split}) and {other.ann_file} ({other_split}) have "
+                f"different category ids: {dataset.contiguous_to_category_id} vs {other.contiguous_to_category_id}"
+            )
+        super().check_compatible(split, dataset, other_split, other)
+
+    @property
+    def contiguous_to_category_id(self) -> dict[int, int]:
+        """Contiguous label → COCO category id (after :meth:`setup`)."""
+        return dict(self._first_dataset().contiguous_to_category_id)
+
+    @property
+    def ann_file(self) -> Path:
+        """Ground-truth JSON of the split being evaluated: val's if set up, else test's (or predict's)."""
+        return self._first_dataset(("val", "test", "predict")).ann_file
+
+
+def _ade20k_folder(data_root: Path) -> Path:
+    """``data_root`` itself if it is the ``ADEChallengeData2016`` folder, else the one inside it."""
+    nested = data_root / "ADEChallengeData2016"
+    return nested if not (data_root / "images").is_dir() and nested.is_dir() else data_root
+
+
+class ADE20KDataModule(BaseDataModule):
+    """ADE20K semantic segmentation (``ADE20KDataset``; batches from ``collate_segmentation``).
+
+    Transforms follow the mmseg / Mask2Former ADE20K recipe (:func:`~visionkit.data.presets.segmentation_transforms`):
+    multi-scale resize, ``crop_size`` random crops with ``cat_max_ratio``, flip, normalisation; evaluation resizes the
+    short side to ``short_side`` (label maps with nearest neighbour). Each batch is padded at the bottom/right to its
+    largest image, rounded up to a multiple of ``size_divisor`` (image 0, label 255); its ``image_size`` entry keeps
+    every sample's unpadded size. ADE20K has no public test labels: the test and predict stages use the validation
+    split. After ``setup``: ``class_names`` and ``num_classes`` (150, or 151 without ``reduce_zero_label``);
+    ``ignore_index`` is 255.
+
+    Args:
+        data_root: The ``ADEChallengeData2016`` folder or the folder that contains it.
+        crop_size: Training crop side in pixels.
+        short_side: Base short side in pixels (training scales it by ``scale_range``).
+        max_size: Upper bound on the long side in pixels.
+        scale_range: Range of the training short-side multiplier.
+        cat_max_ratio: Largest share one class may take of a training crop (mmseg 0.75).
+        flip_prob: Training horizontal-flip probability.
+        reduce_zero_label: Map label 0 ("other") to 255 and k to k - 1 (mmseg convention).
+        size_divisor: Pad batches to a multiple of this many pixels (a backbone's stride; 0 or 1 disables).
+        mean: Per-channel mean.
+        std: Per-channel standard deviation.
+        **kwargs: Loader settings of :class:`BaseDataModule` (``batch_size``, ``num_workers``, ``seed``, ...).
+    """
+
+    ignore_index: ClassVar[int] = IGNORE_INDEX
+
+    def __init__(
+        self,
+        data_root: str,
+        crop_size: int = 512,
+        short_side: int = 512,
+        max_size: int = 2048,
+        scale_range: tuple[float, float] = (0.5, 2.0),
+        cat_max_ratio: float = 0.75,
+        flip_prob: float = 0.5,
+        reduce_zero_label: bool = True,
+        size_divisor: int = 32,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
+        **kwargs: Any,
+    ) -> None:
+        data_root = str(data_root)  # saved hyper-parameters must stay plain values (no Path) for weights-only loading
+        super().__init__(**kwargs)
+        self.root = _ade20k_folder(Path(data_root))
+        # Padding to the stride happens per batch, so that the collated ``image_size`` is the unpadded size.
+        self.collate_fn = functools.partial(collate_segmentation, size_divisor=max(size_divisor, 1))
+
+    def build_dataset(self, split: str) -> ADE20KDataset:
+        """Construct the ``ADE20KDataset`` of ``split`` (training for ``train``, validation otherwise)."""
+        hp = self.hparams
+        transforms = segmentation_transforms(
+            split == "train",
+            crop_size=hp.crop_size,
+            short_side=hp.short_side,
+            max_size=hp.max_size,
+            scale_range=hp.scale_range,
+            cat_max_ratio=hp.cat_max_ratio,
+            flip_prob=hp.flip_prob,
+            ignore_index=IGNORE_INDEX,
+            size_divisor=None,
+            mean=hp.mean,
+            std=hp.std,
+        )
+        ade_split = "training" if split == "train" else "validation"
+        return ADE20KDataset(self.root, ade_split, transforms=transforms, reduce_zero_label=hp.reduce_zero_label)
+
+
+class ImageFolderDataModule(BaseDataModule):
+    """Image-folder classification, ``data_root/<split>/<class>/<image>`` (batches from ``collate_classification``).
+
+    Transforms follow the timm / torchvision ImageNet recipe
+    (:func:`~visionkit.data.presets.classification_transforms`). Every split uses the training split's class list
+    (its sorted folder names, or ``class_names``), so a class folder missing from one split cannot shift the labels.
+    Without ``test_split`` the test and predict stages use the val split.
+
+    Args:
+        data_root: Folder holding the split folders.
+        image_size: Output side length in pixels.
+        train_split: Training split folder name.
+        val_split: Validation split folder name.
+        test_split: Test split folder name; ``None`` uses ``val_split``.
+        class_names: Fixed class list (folder names); ``None`` takes the training split's folders.
+        crop_pct: Evaluation centre-crop fraction (resize to ``image_size / crop_pct``, then crop).
+        scale: Training ``RandomResizedCrop`` area range.
+        flip_prob: Training horizontal-flip probability.
+        mean: Per-channel mean.
+        std: Per-channel standard deviation.
+        **kwargs: Loader settings of :class:`BaseDataModule` (``batch_size``, ``num_workers``, ``seed``, ...).
+    """
+
+    collate_fn = staticmethod(collate_classification)
+
+    def __init__(
+        self,
+        data_root: str,
+        image_size: int = 224,
+        train_split: str = "train",
+        val_split: str = "val",
+        test_split: str | None = None,
+        class_names: list[str] | None = None,
+        crop_pct: float = 0.875,
+        scale: tuple[float, float] = (0.08, 1.0),
+        flip_prob: float = 0.5,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
+        **kwargs: Any,
+    ) -> None:
+        data_root = str(data_root)  # saved hyper-parameters must stay plain values (no Path) for weights-only loading
+        super().__init__(**kwargs)
+        self.root = Path(data_root)
+        test = test_split or val_split
+        self.split_folders = {"train": train_split, "val": val_split, "test": test, "predict": test}
+
+    def _reference_class_names(self) -> list[str] | None:
+        if self.hparams.class_names is not None:
+            return list(self.hparams.class_names)
+        if "train" in self.datasets:
+            return list(self.datasets["train"].class_names)
+        train_dir = self.root / self.split_folders["train"]
+        if not train_dir.is_dir():
+            return None
+        # The dataset's own rule: sorted sub-folder names, hidden ones skipped.
+        return sorted(p.name for p in train_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def build_dataset(self, split: str) -> ImageFolderClassification:
+        """Construct the ``ImageFolderClassification`` of ``split`` with the training split's classes."""
+        hp = self.hparams
+        transforms = classification_transforms(
+            split == "train",
+            image_size=hp.image_size,
+            crop_pct=hp.crop_pct,
+            scale=hp.scale,
+            flip_prob=hp.flip_prob,
+            mean=hp.mean,
+            std=hp.std,
+        )
+        return ImageFolderClassification(
+            self.root, self.split_folders[split], transforms=transforms, class_names=self._reference_class_names()
+        )
+
+
+class UnlabeledImageFolderDataModule(BaseDataModule):
+    """Every image under ``data_root`` (recursive), for self-supervised pretraining; training only.
+
+    Batches come from ``collate_unlabeled``: ``(images (B, 3, S, S), {"image_id": [...], "path": [...]})`` with
+    ``RandomResizedCrop(image_size, scale)``, flip and normalisation. There is no val/test/predict loader (the
+    Trainer then skips validation).
+
+    Args:
+        data_root: Folder to walk.
+        image_size: Output side length in pixels.
+        scale: ``RandomResizedCrop`` area range (MAE pretraining uses (0.2, 1.0)).
+        flip_prob: Horizontal-flip probability.
+        mean: Per-channel mean.
+        std: Per-channel standard deviation.
+        **kwargs: Loader settings of :class:`BaseDataModule` (``batch_size``, ``num_workers``, ``seed``, ...).
+    """
+
+    collate_fn = staticmethod(collate_unlabeled)
+    stage_splits: ClassVar[dict[str, tuple[str, ...]]] = {"fit": ("train",)}
+    # Left as Lightning's own hooks: Lightning checks whether they are overridden to decide that there is no
+    # validation / test / predict data.
+    val_dataloader = pl.LightningDataModule.val_dataloader
+    test_dataloader = pl.LightningDataModule.test_dataloader
+    predict_dataloader = pl.LightningDataModule.predict_dataloader
+
+    def __init__(
+        self,
+        data_root: str,
+        image_size: int = 224,
+        scale: tuple[float, float] = (0.2, 1.0),
+        flip_prob: float = 0.5,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
+        **kwargs: Any,
+    ) -> None:
+        data_root = str(data_root)  # saved hyper-parameters must stay plain values (no Path) for weights-only loading
+        super().__init__(**kwargs)
+        self.root = Path(data_root)
+
+    def build_dataset(self, split: str) -> UnlabeledImageFolder:
+        """Construct the ``UnlabeledImageFolder`` (only ``train`` exists)."""
+        hp = self.hparams
+        transforms = classification_transforms(
+            True, image_size=hp.image_size, scale=hp.scale, flip_prob=hp.flip_prob, mean=hp.mean, std=hp.std
+        )
+        return UnlabeledImageFolder(self.root, transforms=transforms)

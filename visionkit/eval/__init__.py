@@ -1,0 +1,35 @@
+"""Evaluation: COCO box / mask AP (faster-coco-eval engine, pycocotools-identical), mIoU, top-k accuracy.
+
+Depends only on numpy, torch, pycocotools and faster-coco-eval; never on visionkit's data, models or tasks.
+"""
+
+from visionkit.eval.classification import ClassificationEvaluator, topk_accuracy
+from visionkit.eval.coco import (
+    COCO_ENGINE,
+    COCO_STAT_NAMES,
+    COCOEvalResult,
+    COCOGroundTruth,
+    evaluate_coco,
+    format_coco_table,
+)
+from visionkit.eval.coco_evaluator import COCOEvaluator
+from visionkit.eval.rle import decode_rle, encode_mask, encode_masks, rle_area, rle_to_bbox
+from visionkit.eval.segmentation import SegmentationEvaluator
+
+__all__ = [
+    "COCO_ENGINE",
+    "COCO_STAT_NAMES",
+    "COCOEvalResult",
+    "COCOEvaluator",
+    "COCOGroundTruth",
+    "ClassificationEvaluator",
+    "SegmentationEvaluator",
+    "decode_rle",
+    "encode_mask",
+    "encode_masks",
+    "evaluate_coco",
+    "format_coco_table",
+    "rle_area",
+    "rle_to_bbox",
+    "topk_accuracy",
+]
