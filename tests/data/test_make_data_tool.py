@@ -6,7 +6,12 @@ from pathlib import Path
 
 import pytest
 
+from visionkit.data.synthetic import DEMO_SIZES
+
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "make_data.py"
+CLS_TRAIN, CLS_VAL = DEMO_SIZES["classification"]
+COCO_TRAIN, COCO_VAL = DEMO_SIZES["coco"]
+CLS_WRITTEN = f"(written: {CLS_TRAIN} train / {CLS_VAL} val images per class"
 
 
 def _load_tool():
@@ -22,28 +27,26 @@ def test_make_data_cli_writes_and_reports(tmp_path: Path) -> None:
     command = [sys.executable, str(TOOL), "--root", str(root), "--kinds", "classification", "coco", "--seed", "1"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr
-    assert f"classification: {root / 'classification'} (written: 24 train / 8 val images per class; seed 1)" in (
-        result.stdout
-    )
-    assert f"coco: {root / 'coco'} (written: 96 train / 24 val images; seed 1)" in result.stdout
+    assert f"classification: {root / 'classification'} {CLS_WRITTEN}; seed 1)" in result.stdout
+    assert f"coco: {root / 'coco'} (written: {COCO_TRAIN} train / {COCO_VAL} val images; seed 1)" in result.stdout
     content = json.loads((root / "coco" / "annotations" / "instances_val2017.json").read_text())
     crowd = sum(a["iscrowd"] for a in content["annotations"])
     assert f"({len(content['images'])} images, {len(content['annotations'])} annotations of which {crowd} crowd" in (
         result.stdout
     )
-    assert f"{root / 'classification' / 'train'}  (72 files)" in result.stdout
-    assert len(list((root / "coco" / "train2017").glob("*.jpg"))) == 96
+    assert f"{root / 'classification' / 'train'}  ({3 * CLS_TRAIN} files)" in result.stdout
+    assert len(list((root / "coco" / "train2017").glob("*.jpg"))) == COCO_TRAIN
     assert not (root / "ade20k").exists()
 
 
 def test_make_data_skips_complete_sets(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     tool = _load_tool()
     assert tool.main(["--root", str(tmp_path), "--kinds", "classification"]) == 0
-    assert "(written: 24 train / 8 val images per class; seed 0)" in capsys.readouterr().out
+    assert f"{CLS_WRITTEN}; seed 0)" in capsys.readouterr().out
     assert tool.main(["--root", str(tmp_path), "--kinds", "classification"]) == 0
     assert "(already complete, skipped; seed 0)" in capsys.readouterr().out
     assert tool.main(["--root", str(tmp_path), "--kinds", "classification", "--force"]) == 0
-    assert "(written: 24 train / 8 val images per class; seed 0)" in capsys.readouterr().out
+    assert f"{CLS_WRITTEN}; seed 0)" in capsys.readouterr().out
 
 
 def test_make_data_refuses_foreign_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
