@@ -82,8 +82,8 @@ class UnsafeCheckpointError(CheckpointError, pickle.UnpicklingError):
             "(torch.load(weights_only=True); visionkit never falls back to weights_only=False). If you trust where "
             "the file comes from, convert it once: "
             f"`python tools/convert_checkpoint.py {path} model.safetensors --trust-pickle`, or "
-            f"in Python `obj = torch.load('{path}', map_location='cpu', weights_only=False)` and then "
-            "`visionkit.weights.save_state_dict(<its tensors>, 'model.safetensors')`; load the converted file."
+            "in Python unpickle it with `torch.load` and `weights_only=False`, then save its tensors with "
+            "`visionkit.weights.save_state_dict(..., 'model.safetensors')`; load the converted file."
         )
 
 
