@@ -115,3 +115,12 @@ def test_unknown_option_is_a_clear_cli_error(tmp_path, classification_root, caps
     with pytest.raises(SystemExit):
         main([*_fit_args(tmp_path, classification_root, 1), "--model.not_an_option=3"])
     assert "not_an_option" in capsys.readouterr().err
+
+
+def test_command_line_overrides_win_over_checkpoint_hyperparameters(tmp_path, classification_root):
+    main(_fit_args(tmp_path, classification_root, 1))
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    args = ["validate", *_fit_args(tmp_path, classification_root, 1)[1:], f"--ckpt_path={ckpt}", "--model.lr=0.123"]
+    cli = main(args)
+    assert cli.model.hparams.lr == 0.123
+    assert cli.trainer.callback_metrics["val/top1"] >= 0

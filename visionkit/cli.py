@@ -65,6 +65,15 @@ class VisionkitCLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True})
 
+    def _parse_ckpt_path(self) -> None:
+        """Keep the config (YAML + command line) as the one source of the model's arguments.
+
+        LightningCLI would re-apply the hyper-parameters stored in ``--ckpt_path`` over the command line, so that
+        ``tools/eval.py predict --config c.yaml --ckpt_path x.ckpt --model.predictions_path out.json`` silently
+        ignored the override. Here the checkpoint only supplies the weights (and training state); a config that
+        builds a different network fails when the weights are loaded, with the mismatching keys named.
+        """
+
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         root = Path(config.get("default_root_dir") or DEFAULT_ROOT_DIR)
         config["default_root_dir"] = str(root)

@@ -393,3 +393,35 @@ def test_invalid_loader_settings_raise(demo_paths):
         coco_module(demo_paths, batch_size=0)
     with pytest.raises(ValueError, match="num_workers must be >= 0, got -1"):
         coco_module(demo_paths, num_workers=-1)
+
+
+def test_generate_demo_writes_the_coco_demo_set_once(tmp_path):
+    from visionkit.data import COCODataModule
+
+    dm = COCODataModule(str(tmp_path / "demo" / "coco"), short_side=96, max_size=160, generate_demo=True)
+    dm.prepare_data()
+    ann = tmp_path / "demo" / "coco" / "annotations" / "instances_val2017.json"
+    assert ann.is_file()
+    assert not (tmp_path / "demo" / "ade20k").exists(), "only the datamodule's own kind is written"
+    stamp = ann.stat().st_mtime_ns
+    dm.prepare_data()  # complete set: skipped, not rewritten
+    assert ann.stat().st_mtime_ns == stamp
+    dm.setup("validate")
+    assert dm.num_classes == 3 and dm.ann_file == ann
+
+
+def test_generate_demo_needs_a_kind_folder(tmp_path):
+    from visionkit.data import ADE20KDataModule
+
+    with pytest.raises(ValueError, match=r"data_root must be that folder"):
+        ADE20KDataModule(str(tmp_path / "somewhere"), generate_demo=True).prepare_data()
+
+
+def test_generate_demo_for_ade20k_resolves_the_nested_folder(tmp_path):
+    from visionkit.data import ADE20KDataModule
+
+    dm = ADE20KDataModule(str(tmp_path / "ade20k"), crop_size=64, short_side=96, generate_demo=True)
+    dm.prepare_data()
+    dm.setup("validate")
+    image, target = dm.dataset("val")[0]
+    assert image.shape[0] == 3 and target["mask"].ndim == 2

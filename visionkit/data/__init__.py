@@ -5,7 +5,8 @@
   :class:`UnlabeledImageFolder`.
 * Transforms (``transforms``) and their presets (``presets``): ``(image, target) -> (image, target)`` callables that
   keep boxes, instance masks and label maps consistent with the image.
-* Collate functions (``collate``) and datamodules (``datamodules``, the only module here that imports Lightning).
+* Collate functions (``collate``) and datamodules (``datamodule_base``, ``datamodules``: the only modules here that
+  import Lightning).
 * Synthetic writers (``synthetic``): tiny datasets in the same real formats, for tests and the quickstart.
 """
 

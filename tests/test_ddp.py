@@ -1,0 +1,109 @@
+"""DDP on CPU: two processes (gloo) run ``tools/train.py fit`` to the end, evaluation gathered on rank 0.
+
+Lightning's ``ddp`` strategy starts the second rank by re-running the same command in a subprocess, so the run is
+itself started as a subprocess with a timeout: a hang (a collective that one rank never reaches) fails the test
+instead of blocking the suite.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 600
+
+pytestmark = pytest.mark.slow
+
+
+def _run_ddp(config: Path, root: Path, *overrides: str) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable,
+        str(REPO / "tools" / "train.py"),
+        "fit",
+        f"--config={config}",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=2",
+        "--trainer.strategy=ddp",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=2",
+        "--trainer.limit_val_batches=2",
+        "--trainer.num_sanity_val_steps=0",
+        "--trainer.log_every_n_steps=1",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        f"--trainer.default_root_dir={root}",
+        "--data.num_workers=0",
+        *overrides,
+    ]
+    # One thread per rank: two ranks share the CI machine's cores.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("LOCAL_RANK", None)
+    return subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S, cwd=root, env=env)
+
+
+def _metrics(root: Path) -> dict[str, list[str]]:
+    """Columns of the CSV logger's metrics file, non-empty values only."""
+    with (root / "logs" / "version_0" / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    return {key: [row[key] for row in rows if row[key]] for key in rows[0]}
+
+
+def _assert_both_ranks_finished(out: subprocess.CompletedProcess) -> None:
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-4000:]
+    assert "GLOBAL_RANK: 0, MEMBER: 1/2" in log and "GLOBAL_RANK: 1, MEMBER: 2/2" in log, log[-4000:]
+
+
+def _config_for(task_class: str, data_class: str) -> Path:
+    """The first config under configs/tasks/ training ``task_class`` on demo data of ``data_class``."""
+    for path in sorted((REPO / "configs" / "tasks").glob("*.yaml")):
+        config = yaml.safe_load(path.read_text())
+        model, data = config.get("model") or {}, config.get("data") or {}
+        root = str((data.get("init_args") or {}).get("data_root", ""))
+        model_class = str(model.get("class_path", "")).rsplit(".", 1)[-1]
+        data_class_name = str(data.get("class_path", "")).rsplit(".", 1)[-1]
+        if model_class == task_class and data_class_name == data_class and "demo" in root:
+            return path
+    pytest.fail(f"no config under configs/tasks/ trains {task_class} on demo {data_class} data")
+
+
+def test_instance_segmentation_ddp_two_processes_gathers_coco_evaluation(tmp_path, demo_root):
+    config = _config_for("InstanceSegmentationTask", "COCODataModule")
+    out = _run_ddp(
+        config,
+        tmp_path,
+        f"--data.data_root={demo_root / 'coco'}",
+        "--data.batch_size=1",
+        "--data.val_batch_size=1",
+    )
+    _assert_both_ranks_finished(out)
+    metrics = _metrics(tmp_path)
+    # The 2 x 2 validation batches of both ranks (the 4 demo val images) were scored once, on rank 0.
+    assert len(metrics["val/segm_AP50"]) == 1, metrics
+    assert 0.0 <= float(metrics["val/segm_AP50"][0]) <= 1.0 or metrics["val/segm_AP50"][0] == "nan"
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_classification_ddp_two_processes(tmp_path, demo_root):
+    config = REPO / "configs" / "tasks" / "shapes_classification_resnet18.yaml"
+    out = _run_ddp(
+        config,
+        tmp_path,
+        "--model.backbone=test_resnet",
+        f"--data.data_root={demo_root / 'classification'}",
+        "--data.image_size=32",
+        "--data.batch_size=2",
+    )
+    _assert_both_ranks_finished(out)
+    metrics = _metrics(tmp_path)
+    assert len(metrics["val/top1"]) == 1  # one value for both ranks (the evaluator reduces over processes)
+    assert 0.0 <= float(metrics["val/top1"][0]) <= 1.0
+    assert len(metrics["train/loss"]) == 2  # one logged value per optimiser step (rank 0 logs)
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()

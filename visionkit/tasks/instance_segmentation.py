@@ -1,0 +1,403 @@
+"""Instance segmentation (Mask R-CNN) on any backbone: training losses, COCO box / mask AP, COCO results JSON, PNGs.
+
+The network is torchvision's ``MaskRCNN`` assembled by :func:`~visionkit.models.heads.maskrcnn.build_maskrcnn` on the
+backbone's four feature maps (:func:`~visionkit.models.heads.pyramid.build_multiscale_backbone`: hierarchical models
+through their stages, single-scale ViTs through a ViTDet simple feature pyramid). Batches come from
+``COCODataModule`` (``collate_detection``): a list of float ``[0, 1]`` images, possibly resized by the datamodule,
+and targets with ``boxes``, ``labels`` (contiguous ``0..C-1``), ``masks``, ``image_id`` and ``orig_size``.
+torchvision normalises the images itself (``image_mean``/``image_std``: ImageNet's) and resizes them to
+``min_size``/``max_size``; its labels are ``1..C`` (0 is the background), converted both ways here.
+
+Evaluation pastes every detection's box and mask at the image's ``orig_size`` and scores them against the
+datamodule's ground-truth JSON with :class:`~visionkit.eval.COCOEvaluator` (built lazily, once per split). Logged:
+``train/loss`` and each ``train/loss_<part>``; ``val/bbox_AP``, ``val/segm_AP50``, ... (the 12 COCO stats of both IoU
+types), ``val/<type>_AP/<class>`` (and ``test/...``). The COCO tables are printed on rank 0, and a PNG of the
+predictions on the first ``num_vis_images`` validation images is written after every validation.
+``predict`` writes the COCO result records to ``predictions_path``, the file ``tools/eval.py coco --results`` reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+
+from visionkit.eval import COCOEvaluator, encode_masks, format_coco_table
+from visionkit.models.heads.maskrcnn import (
+    DEFAULT_ANCHOR_SIZES,
+    build_maskrcnn,
+    from_maskrcnn_labels,
+    maskrcnn_predict,
+    to_maskrcnn_labels,
+)
+from visionkit.models.heads.pyramid import build_multiscale_backbone
+from visionkit.tasks.backbone import resolve_backbone
+from visionkit.tasks.base import BaseTask
+from visionkit.viz import image_grid, overlay_instances, save_png
+
+__all__ = ["InstanceSegmentationTask"]
+
+Batch = tuple[list[Tensor], list[dict[str, Any]]]
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+#: Split whose ground truth each evaluation stage reads from the datamodule.
+STAGE_SPLITS: dict[str, str] = {"val": "val", "test": "test"}
+
+
+class InstanceSegmentationTask(BaseTask):
+    """Mask R-CNN with an FPN on a backbone from :func:`visionkit.create_model` or injected from YAML.
+
+    Args:
+        backbone: Registered model name (``resnet18``, ``convnext_atto``, ``vit_tiny_patch16_224``, ...) or a
+            timm-contract module (``feature_info`` + ``forward_intermediates``).
+        num_classes: Foreground classes ``C`` (contiguous labels ``0..C-1``).
+        pretrained: Load the backbone's pretrained weights (local files only).
+        checkpoint_path: Initial backbone weights (``.safetensors`` or a torch state dict).
+        backbone_kwargs: Extra model-constructor arguments for a backbone given by name (e.g. ``img_size``,
+            ``dynamic_img_size`` for ViTs, ``drop_path_rate``).
+        min_size: Short side (px) that torchvision's transform resizes images to.
+        max_size: Upper bound (px) on the long side after that resize.
+        fpn_channels: FPN channels (also the RPN and RoI heads' input).
+        anchor_sizes: Anchor side (px at the model's input scale) per FPN level, strides 4, 8, 16, 32, 64.
+        aspect_ratios: Anchor height / width ratios.
+        representation_size: Width of the box head's two fully connected layers.
+        mask_head_channels: Channels of the mask head's 3x3 convolutions (one entry per layer).
+        box_head_convs: 0: torchvision's two-FC box head; ``n > 0``: ``n`` 3x3 convolutions then one FC layer.
+        norm: ``"batch"``: BatchNorm in the FPN, the box-head convolutions and the mask head (helps training from
+            scratch); ``None``: none (torchvision's default).
+        box_detections_per_img: Most detections kept per image.
+        box_score_thresh: Detections scoring below this are dropped.
+        mask_threshold: Mask probabilities above this are foreground.
+        maskrcnn_kwargs: Other ``torchvision.models.detection.MaskRCNN`` arguments (``rpn_batch_size_per_image``,
+            ``box_batch_size_per_image``, ``rpn_pre_nms_top_n_train``, ...).
+        predictions_path: Where ``predict`` writes the COCO results JSON; ``None``:
+            ``<trainer.default_root_dir>/predictions.json``.
+        num_vis_images: Validation images drawn into ``val_predictions_epoch{N}.png`` (0 disables it).
+        vis_score_thresh: Detections drawn in that PNG score at least this.
+        lr: Base learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_steps: Optimiser steps of linear warm-up.
+        min_lr_ratio: Final learning rate as a fraction of ``lr``.
+        betas: AdamW betas.
+        layer_decay: Layer-wise learning-rate decay of the backbone (ViT fine-tuning).
+        freeze_backbone: Keep the backbone fixed (no gradients, eval mode).
+    """
+
+    monitor: ClassVar[str] = "val/segm_AP"
+    mode: ClassVar[str] = "max"
+
+    def __init__(
+        self,
+        backbone: str | nn.Module = "resnet18",
+        num_classes: int = 80,
+        pretrained: bool = False,
+        checkpoint_path: str | None = None,
+        backbone_kwargs: dict[str, Any] | None = None,
+        min_size: int = 800,
+        max_size: int = 1333,
+        fpn_channels: int = 256,
+        anchor_sizes: list[int] = list(DEFAULT_ANCHOR_SIZES),  # noqa: B006 - a plain default, never mutated
+        aspect_ratios: list[float] = [0.5, 1.0, 2.0],  # noqa: B006
+        representation_size: int = 1024,
+        mask_head_channels: list[int] = [256, 256, 256, 256],  # noqa: B006
+        box_head_convs: int = 0,
+        norm: Literal["batch"] | None = None,
+        box_detections_per_img: int = 100,
+        box_score_thresh: float = 0.05,
+        mask_threshold: float = 0.5,
+        maskrcnn_kwargs: dict[str, Any] | None = None,
+        predictions_path: str | None = None,
+        num_vis_images: int = 8,
+        vis_score_thresh: float = 0.5,
+        lr: float = 1e-4,
+        weight_decay: float = 0.05,
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        layer_decay: float | None = None,
+        freeze_backbone: bool = False,
+    ) -> None:
+        super().__init__(
+            lr=lr,
+            weight_decay=weight_decay,
+            warmup_steps=warmup_steps,
+            min_lr_ratio=min_lr_ratio,
+            betas=betas,
+            layer_decay=layer_decay,
+            freeze_backbone=freeze_backbone,
+        )
+
+    def configure_models(self) -> None:
+        """Create the backbone, its multi-scale wrapper and the Mask R-CNN around it."""
+        hp = self.hparams
+        if not 0.0 <= hp.mask_threshold <= 1.0:
+            raise ValueError(f"mask_threshold must be in [0, 1], got {hp.mask_threshold}")
+        spec = self.injected_modules.get("backbone", hp.backbone)
+        backbone = resolve_backbone(
+            spec, pretrained=hp.pretrained, checkpoint_path=hp.checkpoint_path, **dict(hp.backbone_kwargs or {})
+        )
+        self.model = build_maskrcnn(
+            build_multiscale_backbone(backbone),
+            hp.num_classes,
+            fpn_channels=hp.fpn_channels,
+            anchor_sizes=list(hp.anchor_sizes),
+            aspect_ratios=list(hp.aspect_ratios),
+            min_size=hp.min_size,
+            max_size=hp.max_size,
+            image_mean=IMAGENET_MEAN,
+            image_std=IMAGENET_STD,
+            representation_size=hp.representation_size,
+            mask_head_channels=list(hp.mask_head_channels),
+            box_head_convs=hp.box_head_convs,
+            norm=hp.norm,
+            box_detections_per_img=hp.box_detections_per_img,
+            box_score_thresh=hp.box_score_thresh,
+            **dict(hp.maskrcnn_kwargs or {}),
+        )
+        self.evaluators: dict[str, COCOEvaluator] = {}
+        self._evaluator_sources: dict[str, Path] = {}
+        self._vis_samples: list[tuple[Tensor, dict[str, Tensor]]] = []
+        self._predict_records: list[dict[str, Any]] = []
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The backbone module (inside ``self.model``; a property so that its weights are stored once)."""
+        return self.model.backbone.body.backbone
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Training
+    # ------------------------------------------------------------------------------------------------------------
+
+    def forward(self, images: list[Tensor], orig_sizes: list[tuple[int, int]] | None = None) -> list[dict[str, Tensor]]:
+        """Detections for ``images`` (list of ``(3, H, W)`` float in ``[0, 1]``), in eval mode.
+
+        Args:
+            images: The images.
+            orig_sizes: ``(height, width)`` to paste each image's detections at; ``None``: the input sizes.
+
+        Returns:
+            One dict per image: ``boxes`` ``(K, 4)`` xyxy float, ``scores`` ``(K,)``, ``labels`` ``(K,)`` contiguous,
+            ``masks`` ``(K, H, W)`` bool (binarised at ``mask_threshold``).
+        """
+        detections = maskrcnn_predict(self.model, images, orig_sizes)
+        threshold = float(self.hparams.mask_threshold)
+        return [
+            {
+                "boxes": d["boxes"],
+                "scores": d["scores"],
+                "labels": from_maskrcnn_labels(d["labels"]),
+                "masks": d["masks"][:, 0] > threshold,
+            }
+            for d in detections
+        ]
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        """Sum of the Mask R-CNN losses; each part is logged as ``train/<part>``."""
+        images, targets = batch
+        model_targets = [
+            {
+                "boxes": target["boxes"],
+                "labels": to_maskrcnn_labels(target["labels"]),
+                "masks": target["masks"].to(torch.uint8),
+            }
+            for target in targets
+        ]
+        losses = self.model(images, model_targets)
+        loss = sum(losses.values())
+        batch_size = len(images)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log_dict({f"train/{name}": value.detach() for name, value in losses.items()}, batch_size=batch_size)
+        return loss
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Evaluation
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _dataset(self, split: str) -> Any:
+        """The dataset of ``split``: from the datamodule, else from the stage's dataloader."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "dataset"):
+            return datamodule.dataset(split)
+        loaders = {
+            "val": self.trainer.val_dataloaders,
+            "test": self.trainer.test_dataloaders,
+            "predict": self.trainer.predict_dataloaders,
+        }[split]
+        loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+        return getattr(loader, "dataset", None)
+
+    def _start_evaluation(self, stage: str) -> None:
+        dataset = self._dataset(STAGE_SPLITS[stage])
+        ann_file = getattr(dataset, "ann_file", None)
+        if ann_file is None:
+            raise ValueError(
+                f"InstanceSegmentationTask needs the {stage} dataset's COCO ground truth (`ann_file` and "
+                f"`contiguous_to_category_id`, as on visionkit.data.COCODataset); got {type(dataset).__name__}"
+            )
+        if self._evaluator_sources.get(stage) != Path(ann_file):
+            self.evaluators[stage] = COCOEvaluator(
+                ann_file, iou_types=("bbox", "segm"), contiguous_to_category_id=dataset.contiguous_to_category_id
+            )
+            self._evaluator_sources[stage] = Path(ann_file)
+        self.evaluators[stage].reset()
+        self._vis_samples = []
+
+    def _evaluation_step(self, batch: Batch, stage: str) -> None:
+        images, targets = batch
+        orig_sizes = [tuple(int(v) for v in target["orig_size"]) for target in targets]
+        predictions = self(images, orig_sizes)
+        self.evaluators[stage].update(predictions, [target["image_id"] for target in targets])
+        if stage == "val" and self.trainer.is_global_zero:
+            for image, size, prediction in zip(images, orig_sizes, predictions, strict=True):
+                if len(self._vis_samples) >= self.hparams.num_vis_images:
+                    break
+                resized = F.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+                self._vis_samples.append((resized.cpu(), {k: v.cpu() for k, v in prediction.items()}))
+
+    def _end_evaluation(self, stage: str) -> None:
+        if self.trainer.sanity_checking:
+            self._vis_samples = []
+            return
+        evaluator = self.evaluators[stage]
+        metrics = evaluator.compute()  # evaluated on rank 0, the same dict on every rank
+        self.log_dict({f"{stage}/{name}": value for name, value in metrics.items()}, sync_dist=False)
+        for iou_type in evaluator.iou_types:
+            rank_zero_info(
+                format_coco_table(
+                    metrics,
+                    title=f"{stage} {iou_type} (epoch {self.current_epoch}, {evaluator.engine})",
+                    prefix=f"{iou_type}_",
+                )
+            )
+        # trainer.log_dir broadcasts from rank 0, so every rank must ask for it (asking on rank 0 alone hangs DDP).
+        output_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        if stage == "val" and self.trainer.is_global_zero and self._vis_samples:
+            self._save_visualisation(output_dir)
+        self._vis_samples = []
+
+    def _save_visualisation(self, output_dir: Path) -> Path:
+        names = list(getattr(self._dataset("val"), "class_names", []) or []) or None
+        threshold = float(self.hparams.vis_score_thresh)
+        panels = []
+        for image, prediction in self._vis_samples:
+            keep = prediction["scores"] >= threshold
+            panels.append(
+                overlay_instances(
+                    image,
+                    masks=prediction["masks"][keep],
+                    boxes=prediction["boxes"][keep],
+                    labels=prediction["labels"][keep],
+                    scores=prediction["scores"][keep],
+                    class_names=names,
+                )
+            )
+        return save_png(image_grid(panels), output_dir / f"val_predictions_epoch{self.current_epoch}.png")
+
+    def on_validation_epoch_start(self) -> None:
+        """Build (once) or reset the validation COCO evaluator."""
+        self._start_evaluation("val")
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        """Predict one batch at original image size and hand it to the evaluator."""
+        self._evaluation_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        """Log the COCO metrics, print the tables and write the predictions PNG (rank 0)."""
+        self._end_evaluation("val")
+
+    def on_test_epoch_start(self) -> None:
+        """Build (once) or reset the test COCO evaluator."""
+        self._start_evaluation("test")
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        """Predict one batch at original image size and hand it to the evaluator."""
+        self._evaluation_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        """Log the COCO metrics and print the tables."""
+        self._end_evaluation("test")
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Prediction
+    # ------------------------------------------------------------------------------------------------------------
+
+    def on_predict_epoch_start(self) -> None:
+        """Forget the records of an earlier ``predict`` run."""
+        self._predict_records = []
+
+    def predict_step(self, batch: Batch, batch_idx: int) -> list[dict[str, Any]]:
+        """COCO result records (``image_id``, ``category_id``, ``bbox`` xywh, ``score``, ``segmentation`` RLE)."""
+        images, targets = batch
+        orig_sizes = [tuple(int(v) for v in target["orig_size"]) for target in targets]
+        category_ids = self._category_ids()
+        records: list[dict[str, Any]] = []
+        for target, prediction in zip(targets, self(images, orig_sizes), strict=True):
+            boxes = prediction["boxes"].detach().cpu().double()
+            xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+            rles = encode_masks(prediction["masks"].cpu())
+            for label, bbox, score, rle in zip(
+                prediction["labels"].tolist(), xywh, prediction["scores"].tolist(), rles, strict=True
+            ):
+                records.append(
+                    {
+                        "image_id": int(target["image_id"]),
+                        "category_id": category_ids(label),
+                        "bbox": bbox,
+                        "score": score,
+                        "segmentation": rle,
+                    }
+                )
+        self._predict_records.extend(records)
+        return records
+
+    def _category_ids(self) -> Any:
+        mapping = getattr(self._dataset("predict"), "contiguous_to_category_id", None)
+        if mapping is None:
+            warnings.warn(
+                "the predict dataset has no contiguous_to_category_id; writing category_id = label + 1",
+                stacklevel=3,
+            )
+            return lambda label: int(label) + 1
+        return lambda label: int(mapping[int(label)])
+
+    def on_predict_epoch_end(self) -> None:
+        """Write every process's records (gathered to rank 0) to ``predictions_path`` as a COCO results JSON."""
+        records = self._predict_records
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, records)
+            records = [record for part in gathered for record in part]
+        if self.trainer.is_global_zero:
+            path = self.predictions_file()
+            write_json_atomic(records, path)
+            rank_zero_info(f"{len(records)} COCO result records written to {path}")
+
+    def predictions_file(self) -> Path:
+        """Where ``predict`` writes its COCO results JSON."""
+        if self.hparams.predictions_path:
+            return Path(self.hparams.predictions_path)
+        return Path(self.trainer.default_root_dir) / "predictions.json"
+
+
+def write_json_atomic(content: Any, path: str | os.PathLike[str]) -> Path:
+    """Write ``content`` as JSON through a temporary file and ``os.replace``; parent folders are created."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            json.dump(content, stream)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
