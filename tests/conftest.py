@@ -30,8 +30,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 
+from visionkit.cli import main
 from visionkit.data.synthetic import write_demo_data
 
 DEMO_TEST_SIZES: dict[str, tuple[int, int]] = {"coco": (8, 4), "ade20k": (6, 4), "classification": (4, 2)}
@@ -54,3 +56,32 @@ def demo_root(demo_paths: dict[str, dict[str, Path]]) -> Path:
 def _plain_argv(monkeypatch: pytest.MonkeyPatch) -> None:
     """Hide pytest's own arguments from code under test that looks at ``sys.argv`` (LightningCLI warns about them)."""
     monkeypatch.setattr("sys.argv", ["visionkit"])
+
+
+class _StopAfterEpochs(pl.Callback):
+    """Ends ``fit`` after ``epochs`` epochs, as an interruption would (the epoch's checkpoint is kept)."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch + 1 >= self.epochs:
+            trainer.should_stop = True
+
+
+@pytest.fixture()
+def interrupted_fit():
+    """``interrupted_fit(fit_args, epochs)``: run the CLI's ``fit`` with ``fit_args`` but stop after ``epochs`` epochs.
+
+    The run is configured for its full length (so the learning-rate schedule is the uninterrupted one) and stops as an
+    interrupted run would, leaving ``last.ckpt`` for ``--ckpt_path last``.
+    """
+
+    def run(fit_args: list[str], epochs: int) -> None:
+        assert fit_args[0] == "fit"
+        cli = main(fit_args[1:], run=False)
+        cli.trainer.callbacks.append(_StopAfterEpochs(epochs))
+        cli.trainer.fit(cli.model, cli.datamodule)
+        assert cli.trainer.current_epoch == epochs
+
+    return run

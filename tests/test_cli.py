@@ -64,10 +64,12 @@ def test_fit_writes_config_logs_and_weights_only_checkpoints(tmp_path, classific
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_resume_from_last_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, classification_root, num_workers):
+def test_resume_from_last_gives_the_same_weights_as_an_uninterrupted_run(
+    tmp_path, classification_root, num_workers, interrupted_fit
+):
     workers = f"--data.num_workers={num_workers}"
     main(_fit_args(tmp_path / "straight", classification_root, 2, workers))
-    main(_fit_args(tmp_path / "resumed", classification_root, 1, workers))
+    interrupted_fit(_fit_args(tmp_path / "resumed", classification_root, 2, workers), epochs=1)
     main(_fit_args(tmp_path / "resumed", classification_root, 2, workers, "--ckpt_path=last"))
     straight = _weights(tmp_path / "straight" / "checkpoints" / "last.ckpt")
     resumed = _weights(tmp_path / "resumed" / "checkpoints" / "last.ckpt")

@@ -115,3 +115,23 @@ def test_freeze_backbone_and_layer_decay(tmp_path):
     backbone_ids = {id(p) for p in task.backbone.parameters()}
     assert not any(id(p) in backbone_ids for group in groups for p in group["params"])
     assert all(group["lr_scale"] == 1.0 for group in groups)  # only the heads are trained
+
+
+@pytest.mark.slow
+def test_resume_from_last_gives_the_same_weights_as_an_uninterrupted_run(demo_paths, tmp_path, interrupted_fit):
+    coco_root = demo_paths["coco"]["root"]
+    limits = ["--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1", "--trainer.num_sanity_val_steps=0"]
+
+    def args(out: Path) -> list[str]:
+        return _args("fit", coco_root, out, "resnet18", *limits, "--trainer.max_epochs=2")
+
+    main(args(tmp_path / "straight"))
+    interrupted_fit(args(tmp_path / "resumed"), epochs=1)
+    main([*args(tmp_path / "resumed"), "--ckpt_path=last"])
+    straight, resumed = (
+        torch.load(tmp_path / run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")["state_dict"]
+        for run in ("straight", "resumed")
+    )
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=0, msg=name)
