@@ -30,6 +30,7 @@ from lightning.pytorch.utilities.parsing import collect_init_args
 from timm.optim import param_groups_layer_decay
 from torch import nn
 
+from visionkit.tasks.backbone import resolve_backbone
 from visionkit.tasks.optim import build_adamw, param_groups_weight_decay, warmup_cosine_factor
 
 __all__ = ["BaseTask"]
@@ -102,6 +103,25 @@ class BaseTask(pl.LightningModule):
 
     def configure_models(self) -> None:
         """Build the networks of the task (called once from ``__init__``, after hyper-parameters are saved)."""
+
+    def build_backbone(self, **by_name_kwargs: Any) -> nn.Module:
+        """The backbone that the task's hyper-parameters describe, or the module injected as ``backbone``.
+
+        Reads the ``backbone``, ``pretrained``, ``checkpoint_path`` and ``backbone_kwargs`` hyper-parameters.
+
+        Args:
+            **by_name_kwargs: Further constructor arguments, used only when the backbone is built by name (e.g.
+                ``num_classes``).
+
+        Returns:
+            The backbone module (see :func:`~visionkit.tasks.backbone.resolve_backbone`).
+        """
+        hp = self.hparams
+        spec = self.injected_modules.get("backbone", hp.backbone)
+        kwargs = dict(hp.backbone_kwargs or {})
+        if isinstance(spec, str):
+            kwargs.update(by_name_kwargs)
+        return resolve_backbone(spec, pretrained=hp.pretrained, checkpoint_path=hp.checkpoint_path, **kwargs)
 
     def _require_backbone(self, what: str) -> nn.Module:
         backbone = getattr(self, "backbone", None)

@@ -18,7 +18,6 @@ from torch import Tensor, nn
 
 from visionkit.eval import ClassificationEvaluator
 from visionkit.models.heads.classification import ClassificationHead
-from visionkit.tasks.backbone import resolve_backbone
 from visionkit.tasks.base import BaseTask
 
 __all__ = ["ClassificationTask"]
@@ -98,11 +97,7 @@ class ClassificationTask(BaseTask):
         hp = self.hparams
         if hp.head not in ("linear", "mlp"):
             raise ValueError(f"head must be 'linear' or 'mlp', got {hp.head!r}.")
-        spec = self.injected_modules.get("backbone", hp.backbone)
-        model_kwargs = dict(hp.backbone_kwargs or {})
-        if isinstance(spec, str):
-            model_kwargs["num_classes"] = hp.num_classes
-        backbone = resolve_backbone(spec, pretrained=hp.pretrained, checkpoint_path=hp.checkpoint_path, **model_kwargs)
+        backbone = self.build_backbone(num_classes=hp.num_classes)
         missing = [name for name in BACKBONE_CONTRACT if not callable(getattr(backbone, name, None))]
         if missing or not hasattr(backbone, "num_features"):
             raise TypeError(

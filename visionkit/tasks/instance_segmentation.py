@@ -40,7 +40,6 @@ from visionkit.models.heads.maskrcnn import (
     to_maskrcnn_labels,
 )
 from visionkit.models.heads.pyramid import build_multiscale_backbone
-from visionkit.tasks.backbone import resolve_backbone
 from visionkit.tasks.base import BaseTask
 from visionkit.viz import image_grid, overlay_instances, save_png
 
@@ -141,10 +140,7 @@ class InstanceSegmentationTask(BaseTask):
         hp = self.hparams
         if not 0.0 <= hp.mask_threshold <= 1.0:
             raise ValueError(f"mask_threshold must be in [0, 1], got {hp.mask_threshold}")
-        spec = self.injected_modules.get("backbone", hp.backbone)
-        backbone = resolve_backbone(
-            spec, pretrained=hp.pretrained, checkpoint_path=hp.checkpoint_path, **dict(hp.backbone_kwargs or {})
-        )
+        backbone = self.build_backbone()
         self.model = build_maskrcnn(
             build_multiscale_backbone(backbone),
             hp.num_classes,

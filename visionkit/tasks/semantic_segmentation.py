@@ -12,7 +12,6 @@ from torch import Tensor, nn
 from visionkit.eval import SegmentationEvaluator
 from visionkit.models.heads.pyramid import MultiScaleBackbone, build_multiscale_backbone
 from visionkit.models.heads.upernet import UperNet
-from visionkit.tasks.backbone import resolve_backbone
 from visionkit.tasks.base import BaseTask
 
 __all__ = ["SemanticSegmentationTask", "sliding_window_logits"]
@@ -180,10 +179,7 @@ class SemanticSegmentationTask(BaseTask):
     def configure_models(self) -> None:
         """Create the backbone, its multi-scale pyramid, the UperNet head and the evaluators."""
         hp = self.hparams
-        spec = self.injected_modules.get("backbone", hp.backbone)
-        model = resolve_backbone(
-            spec, pretrained=hp.pretrained, checkpoint_path=hp.checkpoint_path, **(hp.backbone_kwargs or {})
-        )
+        model = self.build_backbone()
         self.pyramid: MultiScaleBackbone = build_multiscale_backbone(model)
         self.decode_head = UperNet(
             self.pyramid.channels,
