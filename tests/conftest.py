@@ -28,7 +28,15 @@ sizes vary in 96..160 px. Treat the folder as read-only: it is shared by every t
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+import torch
+
+# Without a GPU the Triton kernels run in Triton's interpreter. The switch must be on before `triton` itself is
+# imported (its language helpers are decorated at import, and lightning imports triton), so it comes first here.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import lightning.pytorch as pl
 import pytest

@@ -8,81 +8,10 @@ import math
 import pytest
 import torch
 
-from visionkit.ops.selective_scan import (
-    selective_scan,
-    selective_scan_chunked,
-    selective_scan_reference,
-)
-
-TOL = {torch.float32: (6e-4, 2e-3), torch.float16: (3e-3, 5e-3), torch.bfloat16: (3e-2, 5e-2)}
-
-
-def make_inputs(
-    batch=2,
-    dim=4,
-    length=37,
-    n=8,
-    bc="var",
-    groups=1,
-    has_d=True,
-    has_z=True,
-    has_bias=True,
-    dtype=torch.float32,
-    seed=0,
-    requires_grad=True,
-):
-    g = torch.Generator().manual_seed(seed)
-    wdtype = torch.float32 if dtype != torch.float64 else torch.float64
-
-    def rand(*shape, dt=dtype):
-        return torch.rand(*shape, generator=g, dtype=torch.float64).to(dt)
-
-    def randn(*shape, dt=dtype):
-        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dt)
-
-    inputs = {
-        "u": randn(batch, dim, length),
-        "delta": 0.5 * rand(batch, dim, length),
-        "A": -0.5 * rand(dim, n, dt=wdtype),
-    }
-    if bc == "ti":
-        inputs["B"] = randn(dim, n, dt=wdtype)
-        inputs["C"] = randn(dim, n, dt=wdtype)
-    elif groups == 0:  # plain 3-D variable B/C
-        inputs["B"] = randn(batch, n, length)
-        inputs["C"] = randn(batch, n, length)
-    else:
-        inputs["B"] = randn(batch, groups, n, length)
-        inputs["C"] = randn(batch, groups, n, length)
-    inputs["D"] = randn(dim, dt=wdtype) if has_d else None
-    inputs["z"] = randn(batch, dim, length) if has_z else None
-    inputs["delta_bias"] = 0.5 * rand(dim, dt=wdtype) if has_bias else None
-    if requires_grad:
-        for v in inputs.values():
-            if v is not None:
-                v.requires_grad_(True)
-    return inputs
-
-
-def clone_inputs(inputs):
-    return {k: (v.detach().clone().requires_grad_(True) if v is not None else None) for k, v in inputs.items()}
-
-
-def grad_tols(name, rtol, atol, time_invariant, has_z):
-    # weight tolerances as in mamba's test
-    rtolw = atolw = 1e-3
-    if has_z:
-        rtolw, atolw = max(rtolw, rtol), max(atolw, atol)
-    return {
-        "u": (rtol * 2, atol * 2),
-        "delta": (rtol * 5, atol * 10),
-        "A": (rtolw, atolw * 5),
-        "B": (rtolw, atolw) if time_invariant else (rtol, atol),
-        "C": (rtolw, atolw) if time_invariant else (rtol, atol),
-        "D": (rtolw, atolw),
-        "z": (rtolw, atolw),
-        "delta_bias": (rtolw, atolw),
-    }[name]
+from tests.ops.scan_cases import TOL, clone_inputs, grad_tols, make_inputs
+from visionkit.ops import selective_scan, selective_scan_chunked, selective_scan_reference
+from visionkit.ops._scan_inputs import _KernelScanFunction, run_scan_kernel
+from visionkit.ops.selective_scan_torch import ChunkedScanKernel
 
 
 def run_both(inputs, softplus, last_state, chunk_size):
@@ -185,9 +114,10 @@ def test_half_inputs_return_input_dtype(dtype, backend):
     torch.testing.assert_close(out.float(), ref32, rtol=rtol, atol=atol)
 
 
-def test_half_backward_runs():
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_half_backward_runs(backend):
     inputs = make_inputs(length=9, n=2, dtype=torch.bfloat16)
-    out = selective_scan(**inputs, delta_softplus=True)
+    out = selective_scan(**inputs, delta_softplus=True, backend=backend)
     out.float().sum().backward()
     assert inputs["u"].grad.dtype == torch.bfloat16
     assert inputs["A"].grad.dtype == torch.float32
@@ -215,13 +145,16 @@ def test_hand_worked_example(backend):
     torch.testing.assert_close(out_v, torch.tensor([[[6.5, 16.0, 27.0]]], dtype=f64))
 
 
-def test_bad_backend_messages():
+def test_bad_backend_messages(monkeypatch):
     inputs = make_inputs(length=5, n=2, requires_grad=False)
     with pytest.raises(ValueError, match="unknown selective_scan backend 'cuda'"):
         selective_scan(**inputs, backend="cuda")
-    for name in ("triton", "mamba_ssm"):
-        with pytest.raises(RuntimeError, match=f"'{name}' is not implemented yet"):
-            selective_scan(**inputs, backend=name)
+    # CPU tensors: Triton only runs them in its interpreter, mamba_ssm's kernel never does
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match=r"backend 'triton' is unavailable: the triton backend needs CUDA tensors"):
+        selective_scan(**inputs, backend="triton")
+    with pytest.raises(RuntimeError, match=r"backend 'mamba_ssm' is unavailable: mamba_ssm's kernel needs CUDA"):
+        selective_scan(**inputs, backend="mamba_ssm")
 
 
 @pytest.mark.parametrize(
@@ -251,5 +184,53 @@ def test_bad_shapes(name, value, pattern, backend):
 
 def test_bad_chunk_size():
     inputs = make_inputs(length=5, n=2, requires_grad=False)
-    with pytest.raises(ValueError, match="chunk_size"):
+    with pytest.raises(ValueError, match="chunk_size must be >= 1, got 0"):
         selective_scan_chunked(**inputs, chunk_size=0)
+    with pytest.raises(ValueError, match="max_slice_elements must be >= 1, got 0"):
+        ChunkedScanKernel(8, max_slice_elements=0)
+
+
+@pytest.mark.parametrize(("bc", "groups"), [("ti", 1), ("var", 0), ("var", 2)])
+@pytest.mark.parametrize(("length", "chunk_size"), [(37, 8), (40, 8), (9, 1), (1, 8), (0, 8)])
+def test_torch_slices_of_chunks_float64(bc, groups, length, chunk_size):
+    # max_slice_elements=1 puts every chunk in its own slice, so the carries (h forward, λ backward) cross slices;
+    # in float64 the result must equal the sequential reference to rounding
+    inputs = make_inputs(length=length, n=3, bc=bc, groups=groups, dtype=torch.float64, seed=length)
+    ref_in, tor_in = clone_inputs(inputs), clone_inputs(inputs)
+    ref, ref_h = selective_scan_reference(**ref_in, delta_softplus=True, return_last_state=True)
+    kernel = ChunkedScanKernel(chunk_size, max_slice_elements=1)
+    out, h = run_scan_kernel(kernel, **tor_in, delta_softplus=True, return_last_state=True)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(h, ref_h, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(ref)
+    out.backward(g)
+    if length == 0:  # nothing to scan: every gradient is zero
+        assert all(not v.grad.any() for v in tor_in.values())
+        return
+    ref.backward(g)
+    for name, v in ref_in.items():
+        torch.testing.assert_close(
+            tor_in[name].grad, v.grad, rtol=1e-10, atol=1e-10, msg=lambda m, n=name: f"d{n}: {m}"
+        )
+
+
+def test_torch_backward_saves_only_inputs_and_chunk_states():
+    # autograd through the doubling steps would keep ~2·log2(Q) tensors of batch·dim·L·N; the hand-written backward
+    # keeps the inputs plus one state per chunk
+    batch, dim, length, n, chunk = 2, 8, 256, 16, 64
+    inputs = make_inputs(batch=batch, dim=dim, length=length, n=n, groups=1)
+    saved_numel = []
+
+    def pack(t):
+        saved_numel.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = selective_scan_chunked(**inputs, delta_softplus=True, chunk_size=chunk)
+    assert type(out.grad_fn) is _KernelScanFunction._backward_cls
+    input_numel = sum(v.numel() for v in inputs.values())
+    carries_numel = batch * dim * (length // chunk) * n
+    assert sum(saved_numel) == input_numel + carries_numel
+    assert sum(saved_numel) < batch * dim * length * n  # less than one tensor of the doubling steps
+    out.sum().backward()
+    assert all(v.grad is not None for v in inputs.values())

@@ -2,3 +2,8 @@
 
 Importing this package registers every visionkit backbone with visionkit's and timm's registries.
 """
+
+from visionkit.models import backbones
+from visionkit.models.backbones import SS2D, VSSM, LayerNorm2d, Linear2d, VSSBlock
+
+__all__ = ["SS2D", "VSSM", "LayerNorm2d", "Linear2d", "VSSBlock", "backbones"]

@@ -1,10 +1,21 @@
 """Pure tensor functions and autograd ops (no nn.Module state, no Lightning, no I/O)."""
 
+from visionkit.ops.cross_scan import CROSS_SCAN_DIRECTIONS, cross_merge, cross_scan
 from visionkit.ops.selective_scan import (
     SELECTIVE_SCAN_BACKENDS,
+    available_selective_scan_backends,
     selective_scan,
-    selective_scan_chunked,
     selective_scan_reference,
 )
+from visionkit.ops.selective_scan_torch import selective_scan_chunked
 
-__all__ = ["SELECTIVE_SCAN_BACKENDS", "selective_scan", "selective_scan_chunked", "selective_scan_reference"]
+__all__ = [
+    "CROSS_SCAN_DIRECTIONS",
+    "SELECTIVE_SCAN_BACKENDS",
+    "available_selective_scan_backends",
+    "cross_merge",
+    "cross_scan",
+    "selective_scan",
+    "selective_scan_chunked",
+    "selective_scan_reference",
+]

@@ -1,1 +1,11 @@
+"""Backbones, one file per family following timm's model-file contract; importing a family registers its sizes.
 
+- :mod:`~visionkit.models.backbones.vmamba`: VMamba v2 (``vmamba_tiny``, ``vmamba_small``, ``vmamba_base``,
+  ``vmamba_test``), built from the SS2D blocks of :mod:`~visionkit.models.backbones.ss2d`.
+"""
+
+from visionkit.models.backbones import vmamba
+from visionkit.models.backbones.ss2d import SS2D, LayerNorm2d, Linear2d, VSSBlock
+from visionkit.models.backbones.vmamba import VSSM
+
+__all__ = ["SS2D", "VSSM", "LayerNorm2d", "Linear2d", "VSSBlock", "vmamba"]
