@@ -91,13 +91,22 @@ def _template_overrides(config: dict, demo_root: Path, real_to_demo: dict[str, P
     trainer = config.get("trainer") or {}
     args += [f"--trainer.{key}={value}" for key, value in TRAINER_OVERRIDES.items() if key in trainer]
     data_args = (config.get("data") or {}).get("init_args") or {}
+    demo_data_root = None
     for key, value in data_args.items():
         mapped = _map_path(value, demo_root, real_to_demo) if isinstance(value, str) else None
         small = _shrink(key, value)
         if mapped is not None:
             args.append(f"--data.{key}={mapped}")
+            demo_data_root = mapped if key == "data_root" else demo_data_root
         elif small is not None:
             args.append(f"--data.{key}={json.dumps(small)}")
+    for key in ("train_ann", "val_ann", "test_ann"):
+        # an annotation file that an earlier step writes (e.g. pseudo-labels) is absent from the demo set: use the
+        # demo split's own annotations, which have the same format
+        value = data_args.get(key)
+        if demo_data_root and isinstance(value, str) and not (Path(demo_data_root) / value).exists():
+            split = "train" if key == "train_ann" else "val"
+            args.append(f"--data.{key}=annotations/instances_{split}2017.json")
     if data_args.get("generate_demo"):
         args.append("--data.generate_demo=false")  # never rewrite the session's shared demo set
     if "persistent_workers" in data_args:
@@ -110,6 +119,8 @@ def _template_overrides(config: dict, demo_root: Path, real_to_demo: dict[str, P
     backbone = model_args.get("backbone")
     if isinstance(backbone, str) and _tiny_backbone(backbone):
         args.append(f"--model.backbone={_tiny_backbone(backbone)}")
+    if model_args.get("init_checkpoint"):
+        args.append("--model.init_checkpoint=null")  # the previous run's checkpoint does not exist here
     if model_args.get("pretrained"):
         args.append("--model.pretrained=false")  # no weights on CI; the test checks structure
     for key, value in (model_args.get("backbone_kwargs") or {}).items():

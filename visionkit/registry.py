@@ -27,7 +27,13 @@ import timm.models
 from torch import Tensor, nn
 from torch.nn.modules.module import register_module_module_registration_hook
 
-from visionkit.weights import CheckpointError, CheckpointMismatchError, describe_key_mismatch, load_state_dict
+from visionkit.weights import (
+    CheckpointError,
+    CheckpointMismatchError,
+    describe_key_mismatch,
+    key_mismatch,
+    load_state_dict,
+)
 
 __all__ = ["create_model", "find_local_weights", "list_models", "local_weights_dirs", "register_model"]
 
@@ -391,14 +397,7 @@ def _forget_state_dict(model: nn.Module) -> None:
 
 
 def _load_strictly(model: nn.Module, state: dict[str, Tensor], name: str, path: Path) -> None:
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [
-        f"{k}: checkpoint {tuple(v.shape)}, model {tuple(expected[k].shape)}"
-        for k, v in state.items()
-        if k in expected and v.shape != expected[k].shape
-    ]
+    missing, unexpected, shapes = key_mismatch(model, state)
     if missing or unexpected or shapes:
         raise CheckpointMismatchError(_mismatch_message(name, path, missing, unexpected, shapes, ()))
     model.load_state_dict(state, strict=True)

@@ -30,7 +30,7 @@ from typing import IO, Any
 import safetensors
 import safetensors.torch
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 __all__ = [
     "CheckpointError",
@@ -40,8 +40,10 @@ __all__ = [
     "describe_key_mismatch",
     "extract_state_dict",
     "find_weight_file",
+    "key_mismatch",
     "load_metadata",
     "load_state_dict",
+    "load_state_dict_into",
     "save_state_dict",
 ]
 
@@ -115,6 +117,41 @@ def describe_key_mismatch(
         more = [f"... ({len(other) - limit} more)"] if len(other) > limit else []
         lines.append(f"other problems ({len(other)}): " + "; ".join(other[:limit] + more))
     return "\n".join(lines)
+
+
+def key_mismatch(model: nn.Module, state: Mapping[str, Tensor]) -> tuple[list[str], list[str], list[str]]:
+    """``(missing, unexpected, shape problems)`` of loading ``state`` into ``model`` (empty lists: it fits)."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k}: checkpoint {tuple(v.shape)}, model {tuple(expected[k].shape)}"
+        for k, v in state.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    return missing, unexpected, shapes
+
+
+def load_state_dict_into(
+    model: nn.Module, state: Mapping[str, Tensor], source: str | os.PathLike[str], what: str
+) -> None:
+    """Load ``state`` into ``model`` strictly, or raise an error that lists every problem.
+
+    Args:
+        model: The module to fill.
+        state: Its state dict, keys already in the model's layout.
+        source: Where ``state`` came from (a file), named in the error.
+        what: A short name of the model (``"open_clip ViT-B-16"``), named in the error.
+
+    Raises:
+        CheckpointMismatchError: Missing or unexpected keys, or shape mismatches; all are listed.
+    """
+    missing, unexpected, shapes = key_mismatch(model, state)
+    if missing or unexpected or shapes:
+        raise CheckpointMismatchError(
+            f"{source} does not fit {what}:\n" + describe_key_mismatch(missing, unexpected, shapes)
+        )
+    model.load_state_dict(state, strict=True)
 
 
 def find_weight_file(directory: str | os.PathLike[str]) -> Path:

@@ -92,3 +92,63 @@ def test_argument_errors():
         _model(norm="group")
     with pytest.raises(ValueError, match="num_classes"):
         build_maskrcnn(build_multiscale_backbone(timm.create_model("resnet18")), 0)
+
+
+def test_drop_loss_ignores_proposals_that_overlap_no_ground_truth():
+    from torchvision.ops import box_iou
+
+    from visionkit.models.heads.maskrcnn import DropLossRoIHeads, enable_drop_loss
+
+    model = _model()
+    target = {
+        "boxes": torch.tensor([[10.0, 10.0, 40.0, 30.0]]),
+        "labels": torch.tensor([1]),
+        "masks": torch.ones(1, 64, 80, dtype=torch.uint8),
+    }
+    proposals = [
+        torch.tensor(
+            [
+                [12.0, 11.0, 38.0, 29.0],  # on the object: foreground
+                [30.0, 20.0, 60.0, 40.0],  # touches it (0.01 < IoU < 0.5): background, kept
+                [70.0, 45.0, 90.0, 60.0],  # far from it (IoU 0): dropped
+                [0.0, 50.0, 8.0, 60.0],  # far: dropped
+            ]
+        )
+    ]
+    plain = model.roi_heads
+    torch.manual_seed(0)
+    _, _, plain_labels, _ = plain.select_training_samples([p.clone() for p in proposals], [target])
+    enable_drop_loss(model, 0.01)
+    assert isinstance(model.roi_heads, DropLossRoIHeads) and model.roi_heads is plain  # same module, new class
+    torch.manual_seed(0)
+    sampled, _, labels, _ = model.roi_heads.select_training_samples([p.clone() for p in proposals], [target])
+    iou = box_iou(sampled[0], target["boxes"]).max(dim=1).values
+    expected = torch.where(iou > 0.01, plain_labels[0], torch.full_like(plain_labels[0], -100))
+    assert torch.equal(labels[0], expected)
+    assert (labels[0] == -100).sum() == 2  # the two far proposals
+    assert (labels[0] == 1).any() and (labels[0] == 0).any()
+
+    # an image without ground truth keeps plain labels (all background), so the loss never becomes NaN
+    torch.manual_seed(0)
+    _, _, empty_labels, _ = model.roi_heads.select_training_samples(
+        [proposals[0].clone()],
+        [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "masks": torch.zeros(0, 64, 80)}],
+    )
+    assert (empty_labels[0] == 0).all()
+
+
+def test_drop_loss_training_step_is_finite_and_validates():
+    from visionkit.models.heads.maskrcnn import enable_drop_loss
+
+    model = enable_drop_loss(_model(), 0.01).train()
+    image = torch.rand(3, 64, 80)
+    empty = {
+        "boxes": torch.zeros(0, 4),
+        "labels": torch.zeros(0, dtype=torch.int64),
+        "masks": torch.zeros(0, 64, 80, dtype=torch.uint8),
+    }
+    losses = model([image, image], [_target(), empty])
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    with pytest.raises(ValueError, match="iou_thresh"):
+        enable_drop_loss(_model(), 1.5)

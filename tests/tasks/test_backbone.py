@@ -46,7 +46,7 @@ def test_a_module_with_a_checkpoint_loads_it_strictly(tmp_path):
         resolve_backbone(wrong_keys, checkpoint_path=tmp_path / "w.safetensors")
     wrong_shape = nn.Sequential(nn.Linear(3, 5), nn.Linear(5, 2))
     with pytest.raises(
-        CheckpointMismatchError, match=r"(?s)does not fit the injected backbone .*size mismatch for 0.weight"
+        CheckpointMismatchError, match=r"(?s)injected backbone .*0.weight: checkpoint \(4, 3\), model \(5, 3\)"
     ):
         resolve_backbone(wrong_shape, checkpoint_path=tmp_path / "w.safetensors")
 

@@ -135,3 +135,39 @@ def test_resume_from_last_gives_the_same_weights_as_an_uninterrupted_run(demo_pa
     assert straight.keys() == resumed.keys()
     for name in straight:
         torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=0, msg=name)
+
+
+def _tiny_task(**kwargs) -> InstanceSegmentationTask:
+    return InstanceSegmentationTask(
+        backbone="resnet18",
+        num_classes=3,
+        min_size=64,
+        max_size=96,
+        fpn_channels=16,
+        representation_size=32,
+        mask_head_channels=[16],
+        **kwargs,
+    )
+
+
+def test_init_checkpoint_loads_the_whole_detector_and_drop_loss_switches_heads(tmp_path):
+    from visionkit.models.heads.maskrcnn import DropLossRoIHeads
+    from visionkit.weights import CheckpointMismatchError
+
+    torch.manual_seed(0)
+    source = _tiny_task()
+    # a Lightning-style checkpoint: {"state_dict": {"model.<key>": ...}}
+    ckpt = tmp_path / "round0.ckpt"
+    torch.save({"state_dict": source.state_dict(), "epoch": 3}, ckpt)
+    torch.manual_seed(1)
+    task = _tiny_task(init_checkpoint=str(ckpt), drop_loss_iou=0.01)
+    for key, value in source.model.state_dict().items():
+        assert torch.equal(task.model.state_dict()[key], value), key
+    assert isinstance(task.model.roi_heads, DropLossRoIHeads)
+    assert task.model.roi_heads.drop_iou_thresh == 0.01
+    assert type(_tiny_task().model.roi_heads) is not DropLossRoIHeads
+
+    other = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {"model.extra": torch.zeros(1)}}, other)
+    with pytest.raises(CheckpointMismatchError, match=r"other\.ckpt does not fit this Mask R-CNN"):
+        _tiny_task(init_checkpoint=str(other))

@@ -1,6 +1,8 @@
 """Pure tensor functions and autograd ops (no nn.Module state, no Lightning, no I/O)."""
 
+from visionkit.ops.connected_components import connected_components, label_regions, region_props
 from visionkit.ops.cross_scan import CROSS_SCAN_DIRECTIONS, cross_merge, cross_scan
+from visionkit.ops.kmeans import kmeans, raster_init_indices
 from visionkit.ops.selective_scan import (
     SELECTIVE_SCAN_BACKENDS,
     available_selective_scan_backends,
@@ -13,8 +15,13 @@ __all__ = [
     "CROSS_SCAN_DIRECTIONS",
     "SELECTIVE_SCAN_BACKENDS",
     "available_selective_scan_backends",
+    "connected_components",
     "cross_merge",
     "cross_scan",
+    "kmeans",
+    "label_regions",
+    "raster_init_indices",
+    "region_props",
     "selective_scan",
     "selective_scan_chunked",
     "selective_scan_reference",

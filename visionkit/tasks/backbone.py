@@ -21,9 +21,9 @@ from typing import Any
 from torch import nn
 
 from visionkit.registry import create_model
-from visionkit.weights import CheckpointMismatchError, describe_key_mismatch, load_state_dict
+from visionkit.weights import DEFAULT_STRIP_PREFIXES, load_state_dict, load_state_dict_into
 
-__all__ = ["resolve_backbone"]
+__all__ = ["load_checkpoint_into", "resolve_backbone"]
 
 
 def resolve_backbone(
@@ -81,16 +81,26 @@ def resolve_backbone(
             stacklevel=2,
         )
     if checkpoint_path is not None:
-        state_dict = load_state_dict(checkpoint_path)
-        try:
-            result = backbone.load_state_dict(state_dict, strict=False)
-        except RuntimeError as error:  # shape mismatches raise even with strict=False
-            raise CheckpointMismatchError(
-                f"{checkpoint_path} does not fit the injected backbone {name}: {error}"
-            ) from error
-        if result.missing_keys or result.unexpected_keys:
-            raise CheckpointMismatchError(
-                f"{checkpoint_path} does not fit the injected backbone {name}:\n"
-                + describe_key_mismatch(result.missing_keys, result.unexpected_keys)
-            )
+        load_checkpoint_into(backbone, checkpoint_path, f"the injected backbone {name}")
     return backbone
+
+
+def load_checkpoint_into(
+    module: nn.Module,
+    checkpoint_path: str | os.PathLike[str],
+    what: str,
+    strip_prefixes: tuple[str, ...] = DEFAULT_STRIP_PREFIXES,
+) -> None:
+    """Load a weight file into ``module`` strictly, through the safe loader.
+
+    Args:
+        module: The module to fill.
+        checkpoint_path: Weight file (safetensors, state dict or Lightning checkpoint; see
+            :func:`visionkit.weights.load_state_dict`).
+        what: How error messages name the module, e.g. ``"the injected backbone ResNet"``.
+        strip_prefixes: Key prefixes removed first (e.g. ``"model."`` for a task's Lightning checkpoint).
+
+    Raises:
+        CheckpointMismatchError: Missing, unexpected or mis-shaped keys (listed in the message).
+    """
+    load_state_dict_into(module, load_state_dict(checkpoint_path, strip_prefixes=strip_prefixes), checkpoint_path, what)

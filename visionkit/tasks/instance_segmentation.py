@@ -35,13 +35,16 @@ from visionkit.eval import COCOEvaluator, encode_masks, format_coco_table
 from visionkit.models.heads.maskrcnn import (
     DEFAULT_ANCHOR_SIZES,
     build_maskrcnn,
+    enable_drop_loss,
     from_maskrcnn_labels,
     maskrcnn_predict,
     to_maskrcnn_labels,
 )
 from visionkit.models.heads.pyramid import build_multiscale_backbone
+from visionkit.tasks.backbone import load_checkpoint_into
 from visionkit.tasks.base import BaseTask
 from visionkit.viz import image_grid, overlay_instances, save_png
+from visionkit.weights import DEFAULT_STRIP_PREFIXES
 
 __all__ = ["InstanceSegmentationTask"]
 
@@ -76,6 +79,12 @@ class InstanceSegmentationTask(BaseTask):
         box_detections_per_img: Most detections kept per image.
         box_score_thresh: Detections scoring below this are dropped.
         mask_threshold: Mask probabilities above this are foreground.
+        init_checkpoint: Initial weights of the whole detector (backbone, FPN, heads), e.g. the ``last.ckpt`` of the
+            previous self-training round or a state dict saved from ``task.model``; read with the safe loader,
+            ``model.`` prefixes stripped, loaded strictly. Unlike ``--ckpt_path`` it starts a new run (fresh
+            optimiser, epoch 0).
+        drop_loss_iou: CutLER's DropLoss for training on pseudo-labels: sampled proposals whose max IoU with the
+            ground truth is at most this get no classification loss (CutLER: 0.01); ``None``: off (the usual loss).
         maskrcnn_kwargs: Other ``torchvision.models.detection.MaskRCNN`` arguments (``rpn_batch_size_per_image``,
             ``box_batch_size_per_image``, ``rpn_pre_nms_top_n_train``, ...).
         predictions_path: Where ``predict`` writes the COCO results JSON; ``None``:
@@ -113,6 +122,8 @@ class InstanceSegmentationTask(BaseTask):
         box_detections_per_img: int = 100,
         box_score_thresh: float = 0.05,
         mask_threshold: float = 0.5,
+        init_checkpoint: str | None = None,
+        drop_loss_iou: float | None = None,
         maskrcnn_kwargs: dict[str, Any] | None = None,
         predictions_path: str | None = None,
         num_vis_images: int = 8,
@@ -159,6 +170,10 @@ class InstanceSegmentationTask(BaseTask):
             box_score_thresh=hp.box_score_thresh,
             **dict(hp.maskrcnn_kwargs or {}),
         )
+        if hp.drop_loss_iou is not None:
+            enable_drop_loss(self.model, hp.drop_loss_iou)
+        if hp.init_checkpoint is not None:
+            load_checkpoint_into(self.model, hp.init_checkpoint, "this Mask R-CNN", ("model.", *DEFAULT_STRIP_PREFIXES))
         self.evaluators: dict[str, COCOEvaluator] = {}
         self._evaluator_sources: dict[str, Path] = {}
         self._vis_samples: list[tuple[Tensor, dict[str, Tensor]]] = []

@@ -3,8 +3,10 @@
 from visionkit.models.heads.classification import ClassificationHead
 from visionkit.models.heads.maskrcnn import (
     DEFAULT_ANCHOR_SIZES,
+    DropLossRoIHeads,
     FeaturePyramidBackbone,
     build_maskrcnn,
+    enable_drop_loss,
     from_maskrcnn_labels,
     maskrcnn_predict,
     to_maskrcnn_labels,
@@ -21,6 +23,7 @@ __all__ = [
     "DEFAULT_ANCHOR_SIZES",
     "PYRAMID_STRIDES",
     "ClassificationHead",
+    "DropLossRoIHeads",
     "FCNHead",
     "FeaturePyramidBackbone",
     "MultiScaleBackbone",
@@ -29,6 +32,7 @@ __all__ = [
     "UperNet",
     "build_maskrcnn",
     "build_multiscale_backbone",
+    "enable_drop_loss",
     "from_maskrcnn_labels",
     "maskrcnn_predict",
     "to_maskrcnn_labels",

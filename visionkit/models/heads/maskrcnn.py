@@ -22,15 +22,18 @@ from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.ops import FeaturePyramidNetwork
+from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.ops import FeaturePyramidNetwork, box_iou
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from visionkit.models.heads.pyramid import MultiScaleBackbone
 
 __all__ = [
     "DEFAULT_ANCHOR_SIZES",
+    "DropLossRoIHeads",
     "FeaturePyramidBackbone",
     "build_maskrcnn",
+    "enable_drop_loss",
     "from_maskrcnn_labels",
     "maskrcnn_predict",
     "to_maskrcnn_labels",
@@ -150,6 +153,56 @@ def build_maskrcnn(
         mask_predictor=MaskRCNNPredictor(mask_channels[-1], mask_channels[-1], num_classes + 1),
         **maskrcnn_kwargs,
     )
+
+
+class DropLossRoIHeads(RoIHeads):
+    """torchvision ``RoIHeads`` with CutLER's DropLoss on the box classification loss.
+
+    After torchvision samples the training proposals, each one whose largest IoU with the image's ground-truth boxes
+    is at most ``drop_iou_thresh`` gets the label -100, which ``F.cross_entropy`` (inside torchvision's
+    ``fastrcnn_loss``) ignores; box regression and mask losses only use positive proposals, so they are unchanged. An
+    image without ground truth keeps torchvision's behaviour (all its proposals are background): dropping them all
+    would leave a batch of such images with no classification loss term at all (NaN). Build it from an existing
+    model with :func:`enable_drop_loss`.
+    """
+
+    drop_iou_thresh: float = 0.01  # CutLER's τ (cutler/modeling/roi_heads, configs: ROI_HEADS.USE_DROPLOSS)
+
+    def select_training_samples(
+        self, proposals: list[Tensor], targets: list[dict[str, Tensor]] | None
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+        """Sample like torchvision, then mark dropped proposals marked with label -100 (see the class docstring)."""
+        proposals, matched_idxs, labels, regression_targets = super().select_training_samples(proposals, targets)
+        assert targets is not None  # super() raised otherwise
+        for i, (boxes, target) in enumerate(zip(proposals, targets, strict=True)):
+            gt = target["boxes"].to(boxes.dtype)
+            if gt.numel() == 0:
+                continue
+            max_iou = box_iou(boxes, gt).max(dim=1).values
+            labels[i] = torch.where(max_iou > self.drop_iou_thresh, labels[i], torch.full_like(labels[i], -100))
+        return proposals, matched_idxs, labels, regression_targets
+
+
+def enable_drop_loss(model: MaskRCNN, iou_thresh: float = 0.01) -> MaskRCNN:
+    """Switch ``model``'s RoI heads to :class:`DropLossRoIHeads` in place (same modules and weights).
+
+    Args:
+        model: A torchvision ``MaskRCNN`` (or Faster R-CNN) whose ``roi_heads`` is a plain ``RoIHeads``.
+        iou_thresh: Proposals with max IoU to the ground truth at or below this get no classification loss
+            (CutLER: 0.01).
+
+    Returns:
+        ``model``.
+    """
+    if not 0.0 <= iou_thresh < 1.0:
+        raise ValueError(f"iou_thresh must be in [0, 1), got {iou_thresh}")
+    if type(model.roi_heads) not in (RoIHeads, DropLossRoIHeads):
+        raise TypeError(f"enable_drop_loss needs torchvision RoIHeads, got {type(model.roi_heads).__name__}")
+    # RoIHeads takes a dozen constructor arguments that MaskRCNN already resolved; swapping the class keeps the
+    # configured modules and buffers exactly and only changes how training samples are labelled
+    model.roi_heads.__class__ = DropLossRoIHeads
+    model.roi_heads.drop_iou_thresh = iou_thresh
+    return model
 
 
 def to_maskrcnn_labels(labels: Tensor) -> Tensor:

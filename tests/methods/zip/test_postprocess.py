@@ -1,0 +1,68 @@
+"""Zip post-processing: classification-first rule, geometric-mean score, mask NMS, COCO records."""
+
+import numpy as np
+import pytest
+import torch
+from pycocotools import mask as mask_utils
+
+from visionkit.eval.rle import decode_rle
+from visionkit.methods.zip.postprocess import (
+    instances_to_coco_records,
+    mask_iou,
+    mask_nms,
+    score_instances,
+    select_present_classes,
+)
+
+
+def test_select_present_classes():
+    probs = torch.tensor([0.02, 0.6, 0.1, 0.2, 0.08])
+    assert select_present_classes(probs, min_prob=0.05, top_k=3).tolist() == [1, 3, 2]
+    assert select_present_classes(probs, min_prob=0.15, top_k=5).tolist() == [1, 3]
+    # the most probable class is kept even below min_prob
+    assert select_present_classes(torch.full((4,), 0.25), min_prob=0.5).tolist() == [0]
+    with pytest.raises(ValueError, match="top_k"):
+        select_present_classes(probs, top_k=0)
+    with pytest.raises(ValueError, match=r"\(C,\) vector"):
+        select_present_classes(torch.zeros(2, 2))
+
+
+def test_score_is_the_geometric_mean():
+    scores = score_instances(torch.tensor([0.81, 0.25, 1.0]), torch.tensor([1.0, 0.64, 1.2]))
+    torch.testing.assert_close(scores, torch.tensor([0.9, 0.4, 1.0]))
+
+
+def test_mask_iou_matches_pycocotools():
+    g = torch.Generator().manual_seed(0)
+    masks = torch.rand(6, 20, 30, generator=g) > 0.6
+    masks[5] = False  # empty mask: IoU 0 with everything
+    rles = mask_utils.encode(np.asfortranarray(masks.permute(1, 2, 0).numpy().astype(np.uint8)))
+    expected = mask_utils.iou(rles, rles, [0] * 6)
+    torch.testing.assert_close(mask_iou(masks).double(), torch.from_numpy(expected), rtol=0, atol=1e-6)
+
+
+def test_mask_nms_greedy_and_per_class():
+    masks = torch.zeros(4, 10, 10, dtype=torch.bool)
+    masks[0, :5, :5] = True  # A
+    masks[1, :5, :4] = True  # IoU(A, B) = 20/25 = 0.8
+    masks[2, 5:, 5:] = True  # disjoint
+    masks[3, :5, :5] = True  # duplicate of A, other class
+    scores = torch.tensor([0.9, 0.95, 0.5, 0.4])
+    assert mask_nms(masks, scores, iou_thresh=0.5).tolist() == [1, 2]  # B beats A; A suppresses nothing after
+    assert mask_nms(masks, scores, iou_thresh=0.85).tolist() == [1, 0, 2]  # 0.8 < 0.85; A kills its duplicate (3)
+    labels = torch.tensor([0, 0, 0, 1])
+    assert mask_nms(masks, scores, iou_thresh=0.5, labels=labels).tolist() == [1, 2, 3]
+    assert mask_nms(masks[:0], scores[:0]).numel() == 0
+
+
+def test_coco_records_round_trip():
+    masks = torch.zeros(2, 12, 16, dtype=torch.bool)
+    masks[0, 2:6, 3:9] = True
+    masks[1, 7:12, 0:4] = True
+    records = instances_to_coco_records(42, masks, torch.tensor([0.7, 0.3]), [18, 1])
+    assert [r["category_id"] for r in records] == [18, 1] and records[0]["image_id"] == 42
+    assert records[0]["bbox"] == [3.0, 2.0, 6.0, 4.0] and records[1]["bbox"] == [0.0, 7.0, 4.0, 5.0]
+    assert isinstance(records[0]["segmentation"]["counts"], str)
+    assert np.array_equal(decode_rle(records[1]["segmentation"]), masks[1].numpy())
+    with pytest.raises(ValueError, match="2 masks, 1 scores"):
+        instances_to_coco_records(1, masks, torch.tensor([0.5]), [1, 2])

@@ -1,0 +1,125 @@
+"""Zip's steps after SAM: which classes are present, instance scores, mask NMS and COCO result records.
+
+The paper's classification-first rule, its score terms and any NMS are unpublished (``shared/reference/zip.md`` §2,
+§6, §8); the choices here are visionkit's, documented in ``docs/methods/zip.md`` and configurable:
+
+* :func:`select_present_classes`: CLIP's image-level softmax over the vocabulary (logit scale 100, as CLIP's
+  zero-shot classifier); a class is "present" if its probability is at least ``min_prob`` and it is among the
+  ``top_k`` most probable; the most probable class is always kept (an image shows at least one thing).
+* :func:`score_instances`: the geometric mean sqrt(CLIP class score x SAM predicted IoU) (reviewer R4's description).
+* :func:`mask_nms`: greedy NMS on mask IoU, per class (off by default in the segmenter, as in the released code).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from visionkit.eval.rle import encode_masks, rle_to_bbox
+
+__all__ = ["instances_to_coco_records", "mask_iou", "mask_nms", "score_instances", "select_present_classes"]
+
+
+def select_present_classes(probs: Tensor, min_prob: float = 0.05, top_k: int = 5) -> Tensor:
+    """Classification-first: the vocabulary indices judged present in an image.
+
+    Args:
+        probs: Image-level class probabilities, (C,) (softmax over the vocabulary).
+        min_prob: Keep classes with at least this probability.
+        top_k: Keep at most this many (the most probable first).
+
+    Returns:
+        Sorted (by probability, descending) int64 indices, at least one.
+    """
+    if probs.dim() != 1 or probs.numel() == 0:
+        raise ValueError(f"probs must be a non-empty (C,) vector, got shape {tuple(probs.shape)}")
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    order = torch.argsort(probs, descending=True, stable=True)[:top_k]
+    keep = probs[order] >= min_prob
+    keep[0] = True
+    return order[keep]
+
+
+def score_instances(class_scores: Tensor, sam_scores: Tensor) -> Tensor:
+    """Instance confidence: the geometric mean of the CLIP class score and SAM's predicted IoU.
+
+    Args:
+        class_scores: (K,) CLIP scores in [0, 1] of each instance's class.
+        sam_scores: (K,) SAM predicted IoUs (may leave [0, 1] slightly; clamped).
+
+    Returns:
+        (K,) scores in [0, 1].
+    """
+    return torch.sqrt(class_scores.clamp(0, 1) * sam_scores.clamp(0, 1))
+
+
+def mask_iou(masks: Tensor) -> Tensor:
+    """Pairwise IoU of binary masks (K, H, W) -> (K, K), by one matrix product of the flattened masks."""
+    flat = masks.reshape(masks.shape[0], -1).float()
+    inter = flat @ flat.T
+    area = flat.sum(1)
+    union = area[:, None] + area[None, :] - inter
+    return torch.where(union > 0, inter / union.clamp_min(1), torch.zeros_like(inter))
+
+
+def mask_nms(masks: Tensor, scores: Tensor, iou_thresh: float = 0.5, labels: Tensor | None = None) -> Tensor:
+    """Greedy non-maximum suppression on mask IoU.
+
+    Args:
+        masks: (K, H, W) bool.
+        scores: (K,).
+        iou_thresh: A mask is suppressed by a higher-scoring kept mask with IoU above this.
+        labels: Optional (K,) classes; masks of different classes never suppress each other.
+
+    Returns:
+        Indices of the kept masks, highest score first.
+    """
+    if masks.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.int64, device=masks.device)
+    iou = mask_iou(masks)
+    if labels is not None:
+        iou = torch.where(labels[:, None] == labels[None, :], iou, torch.zeros_like(iou))
+    order = torch.argsort(scores, descending=True, stable=True)
+    suppressed = torch.zeros(masks.shape[0], dtype=torch.bool, device=masks.device)
+    keep = []
+    for i in order.tolist():
+        if suppressed[i]:
+            continue
+        keep.append(i)
+        suppressed |= iou[i] > iou_thresh
+    return torch.tensor(keep, dtype=torch.int64, device=masks.device)
+
+
+def instances_to_coco_records(
+    image_id: int, masks: Tensor, scores: Tensor, category_ids: Sequence[int] | Tensor
+) -> list[dict[str, Any]]:
+    """COCO result records (``image_id``, ``category_id``, ``bbox`` xywh, ``score``, ``segmentation`` RLE).
+
+    Args:
+        image_id: The image's COCO id.
+        masks: (K, H, W) bool at the original image size.
+        scores: (K,).
+        category_ids: (K,) COCO category ids (>= 1).
+
+    Returns:
+        K records; the RLE ``counts`` are ``str`` (JSON-ready) and ``bbox`` is the mask's tight box.
+    """
+    category_ids = [int(c) for c in (category_ids.tolist() if isinstance(category_ids, Tensor) else category_ids)]
+    if not (masks.shape[0] == scores.shape[0] == len(category_ids)):
+        raise ValueError(f"got {masks.shape[0]} masks, {scores.shape[0]} scores and {len(category_ids)} categories")
+    records = []
+    for rle, score, category_id in zip(encode_masks(masks.cpu()), scores.tolist(), category_ids, strict=True):
+        records.append(
+            {
+                "image_id": int(image_id),
+                "category_id": category_id,
+                "bbox": rle_to_bbox(rle),
+                "score": float(score),
+                "segmentation": rle,
+            }
+        )
+    return records
