@@ -5,7 +5,7 @@ Private to :mod:`visionkit.ops`; the public entry point is :func:`visionkit.ops.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -117,24 +117,31 @@ def canonical_bc(t: Tensor) -> Tensor:
     return t.contiguous()
 
 
-class ScanKernel(Protocol):
-    """A fused forward / backward implementation of the selective scan (the numba and Triton backends).
+class ScanInputs(NamedTuple):
+    """The scan's inputs in kernel layout: validated, contiguous, in their own dtypes.
 
-    Inputs arrive validated and contiguous, in their own dtypes; B and C are (dim, N) or (batch, G, N, L).
+    ``B`` and ``C`` are time-invariant (dim, N) or grouped (batch, G, N, L) (3-D inputs arrive with G = 1).
     """
 
-    def forward(
-        self,
-        u: Tensor,
-        delta: Tensor,
-        A: Tensor,
-        B: Tensor,
-        C: Tensor,
-        D: Tensor | None,
-        z: Tensor | None,
-        delta_bias: Tensor | None,
-        delta_softplus: bool,
-    ) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+    u: Tensor
+    delta: Tensor
+    A: Tensor
+    B: Tensor
+    C: Tensor
+    D: Tensor | None
+    z: Tensor | None
+    delta_bias: Tensor | None
+    delta_softplus: bool
+
+
+#: Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias) in the compute dtype; None where the input is None.
+Grads = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]
+
+
+class ScanKernel(Protocol):
+    """A forward / backward implementation of the selective scan (the torch, numba and Triton backends)."""
+
+    def forward(self, inputs: ScanInputs) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
         """Run the forward pass.
 
         Returns:
@@ -143,25 +150,11 @@ class ScanKernel(Protocol):
         """
         ...
 
-    def backward(
-        self,
-        u: Tensor,
-        delta: Tensor,
-        A: Tensor,
-        B: Tensor,
-        C: Tensor,
-        D: Tensor | None,
-        z: Tensor | None,
-        delta_bias: Tensor | None,
-        delta_softplus: bool,
-        saved: tuple[Tensor, ...],
-        dout: Tensor,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    def backward(self, inputs: ScanInputs, saved: tuple[Tensor, ...], dout: Tensor) -> Grads:
         """Run the backward pass for the upstream gradient ``dout`` (batch, dim, L).
 
         Returns:
-            The gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias) in the compute dtype, each shaped like its
-            input (None where the input is None).
+            The gradients of the eight tensor inputs, each shaped like its input (see :data:`Grads`).
         """
         ...
 
@@ -181,10 +174,9 @@ class _KernelScanFunction(torch.autograd.Function):
         z: Tensor | None,
         delta_bias: Tensor | None,
     ) -> tuple[Tensor, Tensor]:
-        out, last_state, saved = kernel.forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        out, last_state, saved = kernel.forward(ScanInputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus))
         ctx.kernel = kernel
         ctx.delta_softplus = delta_softplus
-        ctx.n_saved = len(saved)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, *saved)
         ctx.mark_non_differentiable(last_state)  # like mamba_ssm, the last state's gradient is ignored
         return out, last_state
@@ -192,12 +184,12 @@ class _KernelScanFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # the kernels' backward is not itself differentiable: double backward must fail loudly
     def backward(ctx: torch.autograd.function.FunctionCtx, dout: Tensor, _dlast: Tensor | None) -> tuple:  # type: ignore[override]
-        u, delta, A, B, C, D, z, delta_bias, *saved = ctx.saved_tensors
-        inputs = (u, delta, A, B, C, D, z, delta_bias)
-        grads = ctx.kernel.backward(*inputs, ctx.delta_softplus, tuple(saved), dout.contiguous())
+        stored = ctx.saved_tensors  # read once: activation checkpointing allows a single unpack
+        tensors, saved = stored[:8], tuple(stored[8:])
+        grads = ctx.kernel.backward(ScanInputs(*tensors, ctx.delta_softplus), saved, dout.contiguous())
         cast = tuple(
             None if g is None or not need else g.to(x.dtype)
-            for g, x, need in zip(grads, inputs, ctx.needs_input_grad[2:], strict=True)
+            for g, x, need in zip(grads, tensors, ctx.needs_input_grad[2:], strict=True)
         )
         return (None, None, *cast)
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from visionkit.ops._scan_inputs import compute_dtype, run_scan_kernel
+from visionkit.ops._scan_inputs import Grads, ScanInputs, compute_dtype, run_scan_kernel
 
 try:
     import numba
@@ -395,19 +395,9 @@ def _channel_block(batch: int, dim: int, variable_groups: list[int]) -> int:
 class _NumbaScanKernel:
     """The :class:`visionkit.ops._scan_inputs.ScanKernel` of the numba backend."""
 
-    def forward(
-        self,
-        u: Tensor,
-        delta: Tensor,
-        A: Tensor,
-        B: Tensor,
-        C: Tensor,
-        D: Tensor | None,
-        z: Tensor | None,
-        delta_bias: Tensor | None,
-        delta_softplus: bool,
-    ) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+    def forward(self, inputs: ScanInputs) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
         """Run the forward kernel; saves the chunk start states (batch, dim, ⌈L/CHUNK⌉, N) and CHUNK."""
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus = inputs
         _require_numba()
         dtype = compute_dtype(u)
         batch, dim, length = u.shape
@@ -420,21 +410,9 @@ class _NumbaScanKernel:
         _forward_kernel(arrays, bool(delta_softplus), z is not None, chunk, out.numpy(), states.numpy(), last.numpy())
         return out.to(u.dtype), last, (states, torch.tensor(chunk))
 
-    def backward(
-        self,
-        u: Tensor,
-        delta: Tensor,
-        A: Tensor,
-        B: Tensor,
-        C: Tensor,
-        D: Tensor | None,
-        z: Tensor | None,
-        delta_bias: Tensor | None,
-        delta_softplus: bool,
-        saved: tuple[Tensor, ...],
-        dout: Tensor,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    def backward(self, inputs: ScanInputs, saved: tuple[Tensor, ...], dout: Tensor) -> Grads:
         """Run the backward kernel and reduce its partial sums; gradients in the compute dtype."""
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus = inputs
         _require_numba()
         states, chunk = saved
         dtype = compute_dtype(u)

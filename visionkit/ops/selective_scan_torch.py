@@ -19,11 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from visionkit.ops._scan_inputs import compute_dtype, finish_output, prepare_delta, run_scan_kernel
+from visionkit.ops._scan_inputs import Grads, ScanInputs, compute_dtype, finish_output, prepare_delta, run_scan_kernel
 
 __all__ = ["ChunkedScanKernel", "selective_scan_chunked"]
-
-Grads = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]
 
 
 def _doubling_scan(a: Tensor, b: Tensor, reverse: bool) -> tuple[Tensor, Tensor]:
@@ -164,19 +162,9 @@ class ChunkedScanKernel:
         shape = (batch, dim, A.shape[1], t // q, q)
         return _doubling_scan(a.view(shape), b.view(shape), reverse)
 
-    def forward(
-        self,
-        u: Tensor,
-        delta: Tensor,
-        A: Tensor,
-        B: Tensor,
-        C: Tensor,
-        D: Tensor | None,
-        z: Tensor | None,
-        delta_bias: Tensor | None,
-        delta_softplus: bool,
-    ) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+    def forward(self, inputs: ScanInputs) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
         """Chunked forward; saves the states entering each chunk, (batch, dim, n_chunks, N) in the compute dtype."""
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus = inputs
         dtype = compute_dtype(u)
         batch, dim, length = u.shape
         n = A.shape[1]
@@ -200,21 +188,9 @@ class ChunkedScanKernel:
         out = finish_output(y, u, D, z, u.dtype, dtype)
         return out, state, (carries,)
 
-    def backward(
-        self,
-        u: Tensor,
-        delta: Tensor,
-        A: Tensor,
-        B: Tensor,
-        C: Tensor,
-        D: Tensor | None,
-        z: Tensor | None,
-        delta_bias: Tensor | None,
-        delta_softplus: bool,
-        saved: tuple[Tensor, ...],
-        dout: Tensor,
-    ) -> Grads:
+    def backward(self, inputs: ScanInputs, saved: tuple[Tensor, ...], dout: Tensor) -> Grads:
         """Gradients per mamba.md §3 from the saved carries; see the module docstring."""
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus = inputs
         (carries,) = saved
         dtype = compute_dtype(u)
         batch, dim, length = u.shape

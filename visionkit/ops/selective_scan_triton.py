@@ -20,7 +20,7 @@ import os
 import torch
 from torch import Tensor
 
-from visionkit.ops._scan_inputs import compute_dtype, run_scan_kernel
+from visionkit.ops._scan_inputs import Grads, ScanInputs, compute_dtype, run_scan_kernel
 
 try:  # triton is optional at import time (e.g. CPU-only wheels); the dispatcher reports why it is unavailable
     import triton
@@ -350,19 +350,9 @@ class _TritonScanKernel:
         }
         return (dim, length, n, groups, n_chunks), meta, (batch, -(-dim // block_d))
 
-    def forward(
-        self,
-        u: Tensor,
-        delta: Tensor,
-        A: Tensor,
-        B: Tensor,
-        C: Tensor,
-        D: Tensor | None,
-        z: Tensor | None,
-        delta_bias: Tensor | None,
-        delta_softplus: bool,
-    ) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+    def forward(self, inputs: ScanInputs) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
         """Fused forward; see :class:`~visionkit.ops._scan_inputs.ScanKernel`."""
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus = inputs
         _check_triton(u)
         sizes, meta, grid = self._launch_args(u, A, B, C, D, z, delta_bias)
         batch, dim, length = u.shape
@@ -380,21 +370,9 @@ class _TritonScanKernel:
         )  # fmt: skip
         return out, states[:, :, -1].clone(), (states,)
 
-    def backward(
-        self,
-        u: Tensor,
-        delta: Tensor,
-        A: Tensor,
-        B: Tensor,
-        C: Tensor,
-        D: Tensor | None,
-        z: Tensor | None,
-        delta_bias: Tensor | None,
-        delta_softplus: bool,
-        saved: tuple[Tensor, ...],
-        dout: Tensor,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    def backward(self, inputs: ScanInputs, saved: tuple[Tensor, ...], dout: Tensor) -> Grads:
         """Fused backward; see :class:`~visionkit.ops._scan_inputs.ScanKernel`."""
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus = inputs
         (states,) = saved
         sizes, meta, grid = self._launch_args(u, A, B, C, D, z, delta_bias)
         batch, dim, length = u.shape
