@@ -1,19 +1,9 @@
 """tools/make_pseudo_labels.py: results JSON -> training instances JSON, exit codes and messages."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 from tests.methods.zip.test_pseudo_labels import _results_from_ground_truth
-
-TOOL = Path(__file__).resolve().parents[2] / "tools" / "make_pseudo_labels.py"
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location("make_pseudo_labels", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.tools.tool_module import load_tool
 
 
 def test_tool_writes_the_training_set_and_reports_errors(demo_paths, tmp_path, capsys):
@@ -22,7 +12,7 @@ def test_tool_writes_the_training_set_and_reports_errors(demo_paths, tmp_path, c
     records = _results_from_ground_truth(ann, scores=[0.9, 0.3])
     results.write_text(json.dumps(records))
     out = tmp_path / "pseudo.json"
-    tool = _tool()
+    tool = load_tool("make_pseudo_labels")
     argv = [str(results), "--images-from", str(ann), "--output", str(out), "--score-thresh", "0.5"]
     assert tool.main(argv) == 0
     written = json.loads(out.read_text())

@@ -1,22 +1,12 @@
 """tools/zip_infer.py: argument handling and the missing-checkpoint message (no weights exist on CI)."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-TOOL = Path(__file__).resolve().parents[2] / "tools" / "zip_infer.py"
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location("zip_infer", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.tools.tool_module import load_tool
 
 
 def test_missing_checkpoint_names_the_file_and_its_source(demo_paths, tmp_path, capsys):
-    tool = _tool()
+    tool = load_tool("zip_infer")
     argv = [
         "--coco", str(demo_paths["coco"]["root"]), "--split", "val2017",
         "--clip-checkpoint", str(tmp_path / "ViT-B-16.pt"), "--boundary-checkpoint", str(tmp_path / "RN50x64.pt"),
@@ -29,7 +19,7 @@ def test_missing_checkpoint_names_the_file_and_its_source(demo_paths, tmp_path, 
 
 
 def test_argument_errors(demo_paths, tmp_path):
-    tool = _tool()
+    tool = load_tool("zip_infer")
     common = ["--clip-checkpoint", "a", "--sam-checkpoint", "b", "--output", str(tmp_path / "r.json")]
     with pytest.raises(SystemExit, match="--images needs --classes"):
         tool.main(["--images", str(demo_paths["coco"]["val_images"]), *common])
