@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared GPU check for an NVIDIA card (H100/H200), under 5 minutes: the Triton selective-scan kernels against
 # the sequential reference (the CPU test file, compiled on the GPU), then bench/selective_scan_gpu.py (triton vs torch
-# backend timings, achieved bandwidth) and bench/backbones.py on the GPU.
+# backend timings, achieved bandwidth), a profile of one call (bench/selective_scan_gpu_tune.py) and bench/backbones.py
+# on the GPU.
 # Usage, from the repository root: bash bench/gpu_check.sh
 # Needs torch with CUDA, triton, timm, torchvision, safetensors and pytest (the device image has them); the test
 # conftest is skipped because it needs the training stack (lightning CLI, jsonargparse) that the check does not use.
@@ -18,6 +19,9 @@ python3 -m pytest -q --noconftest -p no:cacheprovider tests/ops/test_selective_s
 
 echo "== benchmark: bench/selective_scan_gpu.py"
 python3 bench/selective_scan_gpu.py --repeats "${REPEATS:-20}" || status=1
+echo "== where the time of one call goes: bench/selective_scan_gpu_tune.py --no-sweep (the sweep: drop --no-sweep)"
+python3 bench/selective_scan_gpu_tune.py --no-sweep --shapes stage1,stage3 2>&1 | grep -v "^USDT\|^ERROR\|UserWarning" \
+    || status=1
 echo "== VMamba-T training throughput: triton vs torch scan, DeiT-S alongside (informational)"
 python3 bench/backbones.py --device cuda --batch 64 --iters 10 --warmup 3 --scan-backend triton,torch || status=1
 echo "== gpu_check exit status: $status"

@@ -4,7 +4,9 @@ Run by ``bench/gpu_check.sh``. For each shape it checks the Triton output and th
 sequential reference (fp32, on the GPU), then times forward and forward+backward of both backends side by side
 (CUDA events, median of ``--repeats`` after warm-up) and prints the ratio, plus the Triton forward's achieved memory
 bandwidth (bytes it must read and write once / time) against a device-to-device copy measured in the same run and the
-card's nominal peak.
+card's nominal peak. Each time is given twice: wall (CUDA events around the Python call, so host overhead counts) and
+GPU (the summed durations of the call's kernels from ``torch.profiler``, which is what a network that keeps the GPU
+queued pays).
 
 Usage::
 
@@ -82,6 +84,27 @@ def time_ms(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def kernel_ms(fn, repeats: int) -> float:
+    """GPU busy time of one call: the durations of its kernels, copies and memsets (``torch.profiler``), summed.
+
+    Unlike :func:`time_ms` this leaves out the gaps in which the GPU waits for the host (Python, autograd, launches),
+    which a whole network hides by queueing work ahead but an isolated call does not.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            fn()
+        torch.cuda.synchronize()
+    # device-side events only: a CPU op's self device time repeats the kernels it launched
+    device = [e for e in prof.key_averages() if e.device_type != DeviceType.CPU]
+    return sum(e.self_device_time_total for e in device) / repeats / 1e3
+
+
 def copy_bandwidth() -> float:
     """Device-to-device copy of 1 GiB, bytes read + written per second."""
     src = torch.empty(256 * 2**20, device="cuda")
@@ -128,8 +151,9 @@ def main() -> int:
             if "4096" not in name:  # the reference's Python loop at L = 4096 adds time and nothing new
                 all_ok &= check(name, make_inputs(*SHAPES[name]))
 
+    print("wall = CUDA events around the call (host overhead included); GPU = summed kernel time (torch.profiler)")
     header = (f"{'shape (batch, dim, L, N, G)':<32} {'pass':<8} {'torch ms':>9} {'triton ms':>10} {'ratio':>7} "
-              f"{'triton GB/s':>12} {'of copy':>8}")  # fmt: skip
+              f"{'GPU torch':>10} {'GPU triton':>11} {'ratio':>7} {'triton GB/s':>12} {'of copy':>8}")  # fmt: skip
     print(header)
     for name in names:
         batch, dim, length, n, groups, with_z = SHAPES[name]
@@ -138,14 +162,18 @@ def main() -> int:
         for backward in (False, True):
             t_torch = time_ms(lambda b=backward, x=inputs: run(x, "torch", b), args.repeats)
             t_triton = time_ms(lambda b=backward, x=inputs: run(x, "triton", b), args.repeats)
+            k_torch = kernel_ms(lambda b=backward, x=inputs: run(x, "torch", b), args.repeats)
+            k_triton = kernel_ms(lambda b=backward, x=inputs: run(x, "triton", b), args.repeats)
             extra = ""
             if not backward:
-                # bytes the forward must move once: u, delta, (z) read, out written, B and C read (fp32)
+                # bytes the forward must move once: u, delta, (z) read, out written, B and C read (fp32), over the
+                # triton forward's GPU time
                 elems = batch * dim * length * (3 + with_z) + 2 * batch * groups * n * length
-                bw = elems * 4 / (t_triton * 1e-3)
+                bw = elems * 4 / (k_triton * 1e-3)
                 extra = f"{bw / 1e9:>12.0f} {bw / copy_bw:>8.0%}"
             pass_name = "fwd+bwd" if backward else "fwd"
-            print(f"{label:<32} {pass_name:<8} {t_torch:>9.3f} {t_triton:>10.3f} {t_torch / t_triton:>6.1f}x {extra}")
+            print(f"{label:<32} {pass_name:<8} {t_torch:>9.3f} {t_triton:>10.3f} {t_torch / t_triton:>6.1f}x "
+                  f"{k_torch:>10.3f} {k_triton:>11.3f} {k_torch / k_triton:>6.1f}x {extra}")  # fmt: skip
     print("correctness:", "OK" if all_ok else "FAILED")
     return 0 if all_ok else 1
 

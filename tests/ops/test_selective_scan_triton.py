@@ -80,6 +80,22 @@ def test_triton_atomic_bc_gradients(monkeypatch):
 
 
 @pytest.mark.parametrize(
+    "tiles",
+    [
+        (16, 2, 1, 4, 2),  # backward programs cover more channels than forward ones
+        (32, 4, 2, 1, 1),  # and fewer
+    ],
+)
+def test_triton_separate_forward_and_backward_tiles(tiles, monkeypatch):
+    # the launch shapes the tuning script tries: only the chunk length must agree between the two kernels
+    kernel = triton_scan._TritonScanKernel(training=True, tiles=triton_scan._Tiles(*tiles))
+    monkeypatch.setattr(triton_scan, "_TRAINING_KERNEL", kernel)
+    check_against_reference(make_inputs(batch=2, dim=8, length=70, n=2, groups=2, seed=11))
+    inputs = make_inputs(batch=2, dim=8, length=45, n=1, bc="ti", seed=12)
+    check_against_reference(inputs, softplus=False)
+
+
+@pytest.mark.parametrize(
     ("has_z", "has_d", "has_bias", "softplus"),
     [(False, False, False, False), (False, True, True, True), (True, False, False, True), (True, True, True, False)],
 )

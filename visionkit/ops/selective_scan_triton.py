@@ -15,7 +15,9 @@ Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (slow; tha
 
 from __future__ import annotations
 
+import functools
 import os
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -33,8 +35,9 @@ __all__ = ["selective_scan_triton"]
 # Elements of one (channels × states × steps) tile; the tile shape is chosen per call by _tile_shape.
 _TILE_ELEMENTS = 2048
 # Longest chunk of a forward-only call (inference): long chunks mean few sequential steps per program, and the scan
-# inside a chunk is log-depth. Calls that will be differentiated use at most 128 steps: the backward kernel keeps about
-# twice as many tiles live and was 1.5-2x slower with the long chunks on an H100 (docs/benchmarks.md).
+# inside a chunk is log-depth. Calls that will be differentiated use at most 128 steps for N > 1: the backward kernel
+# keeps about twice as many tiles live and was 1.5-2x slower with the long chunks on an H100 (docs/benchmarks.md); N = 1
+# has its own measured launch shapes (_tile_shape).
 _MAX_BLOCK_L = 512
 _MAX_BLOCK_L_TRAINING = 128
 # The backward's variable dB / dC go through per-program partial sums while that buffer is at most this many times the
@@ -46,10 +49,20 @@ def _next_power_of_2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
+class _Tiles(NamedTuple):
+    """Launch shape of one call: the chunk length shared by both kernels, and channels / warps per program of each."""
+
+    block_l: int
+    fwd_block_d: int
+    fwd_warps: int
+    bwd_block_d: int
+    bwd_warps: int
+
+
 def _tile_shape(
     batch: int, dim: int, n: int, length: int, dim_per_group: int, device: torch.device, training: bool
-) -> tuple[int, int, int]:
-    """Pick (BLOCK_D, BLOCK_N, BLOCK_L) for a call.
+) -> _Tiles:
+    """Pick the launch shape of a call.
 
     BLOCK_N covers all N states and BLOCK_L is as long as the tile allows (at most ``_MAX_BLOCK_L``, or
     ``_MAX_BLOCK_L_TRAINING`` when the backward will run: both kernels must use the same chunks); BLOCK_D fills the
@@ -57,17 +70,37 @@ def _tile_shape(
     (so that a program's dB / dC partial sums belong to one group).
     """
     block_n = _next_power_of_2(n)
+    if training and block_n == 1:
+        # N = 1 (VMamba): the fastest launch shapes of bench/selective_scan_gpu_tune.py's sweep on an H100 at the
+        # VMamba-S stage-1 (L 3136 and 4096) and stage-3 (L 196) shapes (docs/benchmarks.md, 2026-11-26)
+        block_l, fwd_d, fwd_w, bwd_d, bwd_w = (256, 2, 4, 2, 2) if length >= 1024 else (32, 4, 1, 8, 2)
+        fwd_d, bwd_d = (_largest_divisor_at_most(dim_per_group, d) for d in (fwd_d, bwd_d))
+        return _Tiles(min(block_l, _MAX_BLOCK_L), fwd_d, fwd_w, bwd_d, bwd_w)
     max_block_l = min(_MAX_BLOCK_L, _MAX_BLOCK_L_TRAINING) if training else _MAX_BLOCK_L
     block_l = min(max(16, _next_power_of_2(length)), max(16, _TILE_ELEMENTS // (block_n * 4)), max_block_l)
     block_d = min(16, max(1, _TILE_ELEMENTS // (block_n * block_l)))
     if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        sms = _multiprocessor_count(device)
         min_programs, min_block_d = (4 * sms, 4) if training else (2 * sms, 1)
         while block_d > min_block_d and batch * -(-dim // block_d) < min_programs:
             block_d //= 2
-    while dim_per_group % block_d:
-        block_d //= 2
-    return block_d, block_n, block_l
+    block_d = _largest_divisor_at_most(dim_per_group, block_d)
+    # 8 warps for the long N = 1 inference tiles (measured 0.14 vs 0.28 ms at the VMamba stage-1 shape on an H100;
+    # docs/benchmarks.md); 4 elsewhere (8 was slower for the backward and for N = 16)
+    warps = 8 if not training and block_n == 1 and block_d * block_l >= 2048 else 4
+    return _Tiles(block_l, block_d, warps, block_d, warps)
+
+
+def _largest_divisor_at_most(n: int, block: int) -> int:
+    """Halve the power of two ``block`` until it divides ``n``."""
+    while n % block:
+        block //= 2
+    return block
+
+
+@functools.cache
+def _multiprocessor_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 if triton is not None:
@@ -85,7 +118,7 @@ if triton is not None:
     @triton.jit
     def _scan_fwd_kernel(
         u_ptr, delta_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_ptr,  # inputs
-        out_ptr, states_ptr,  # outputs: out (batch, dim, L); states (batch, dim, n_chunks, N) at each chunk end
+        out_ptr, states_ptr, last_ptr,  # out (batch, dim, L); states (batch, dim, n_chunks, N) at each chunk end; h_L
         dim, length, n_state, groups, n_chunks,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
         B_VAR: tl.constexpr, C_VAR: tl.constexpr, ACC: tl.constexpr,
@@ -149,13 +182,13 @@ if triton is not None:
                 zt = tl.load(z_ptr + idx, mask=mask_dl, other=0.0).to(ACC)
                 y = y * zt * tl.sigmoid(zt)
             tl.store(out_ptr + idx, y, mask=mask_dl)
+        tl.store(last_ptr + (pid_b * dim + offs_d[:, None]) * n_state + offs_n[None, :], h, mask=mask_dn)
 
     @triton.jit
     def _scan_bwd_kernel(
         u_ptr, delta_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_ptr, states_ptr, dout_ptr,  # inputs
         du_ptr, ddelta_ptr, dz_ptr,  # (batch, dim, L)
-        da_ptr, dbti_ptr, dcti_ptr,  # per-batch partial sums (batch, dim, N)
-        dd_ptr, dbias_ptr,  # per-batch partial sums (batch, dim)
+        sums_ptr,  # per-batch partial sums (batch, 3N + 2, dim): rows dA, time-invariant dB, dC (N each), dD, dbias
         dbvar_ptr, dcvar_ptr,  # BC_PARTIAL: (batch, dim / BLOCK_D, N, L) per-program sums; else (batch, G, N, L)
         dim, length, n_state, groups, n_chunks,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
@@ -287,16 +320,17 @@ if triton is not None:
             else:
                 dC_acc += tl.sum(dc, axis=2)
 
-        part = pid_b * dim * n_state + dn_idx
-        tl.store(da_ptr + part, dA_acc, mask=mask_dn)
+        sums_row = sums_ptr + pid_b * (3 * n_state + 2) * dim
+        nd_idx = offs_n[None, :] * dim + offs_d[:, None]  # (BLOCK_D, BLOCK_N) → row n, column d
+        tl.store(sums_row + nd_idx, dA_acc, mask=mask_dn)
         if not B_VAR:
-            tl.store(dbti_ptr + part, dB_acc, mask=mask_dn)
+            tl.store(sums_row + n_state * dim + nd_idx, dB_acc, mask=mask_dn)
         if not C_VAR:
-            tl.store(dcti_ptr + part, dC_acc, mask=mask_dn)
+            tl.store(sums_row + 2 * n_state * dim + nd_idx, dC_acc, mask=mask_dn)
         if HAS_D:
-            tl.store(dd_ptr + pid_b * dim + offs_d, dD_acc, mask=mask_d)
+            tl.store(sums_row + 3 * n_state * dim + offs_d, dD_acc, mask=mask_d)
         if HAS_BIAS:
-            tl.store(dbias_ptr + pid_b * dim + offs_d, dbias_acc, mask=mask_d)
+            tl.store(sums_row + (3 * n_state + 1) * dim + offs_d, dbias_acc, mask=mask_d)
 
 
 def _check_triton(u: Tensor) -> None:
@@ -314,14 +348,21 @@ class _TritonScanKernel:
     Args:
         training: The call will be differentiated: use the chunk length that suits the backward kernel (the forward
             and the backward of one call must use the same chunks).
+        tiles: Fixed launch shape for every call instead of :func:`_tile_shape`'s choice (for tuning; both BLOCK_D
+            must divide the channels of one B / C group).
     """
 
-    def __init__(self, training: bool) -> None:
+    def __init__(self, training: bool, tiles: _Tiles | None = None) -> None:
         self.training = training
+        self.tiles = tiles
 
     def _launch_args(
-        self, u: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None, delta_bias: Tensor | None
+        self,
+        inputs: ScanInputs,
+        backward: bool,
     ) -> tuple[tuple[int, ...], dict, tuple[int, int]]:
+        """Sizes (dim, L, N, G, n_chunks), compile-time arguments and grid of the forward or backward kernel."""
+        u, _, A, B, C, D, z, delta_bias, delta_softplus = inputs
         batch, dim, length = u.shape
         n = A.shape[1]
         groups = B.shape[1] if B.dim() == 4 else (C.shape[1] if C.dim() == 4 else 1)
@@ -331,85 +372,80 @@ class _TritonScanKernel:
                 raise ValueError(
                     f"the triton backend needs B and C with the same number of groups, got {B.shape} and {C.shape}"
                 )
-        block_d, block_n, block_l = _tile_shape(batch, dim, n, length, dim // groups, u.device, self.training)
-        n_chunks = -(-length // block_l)
-        acc = tl.float64 if compute_dtype(u) == torch.float64 else tl.float32
+        tiles = self.tiles or _tile_shape(batch, dim, n, length, dim // groups, u.device, self.training)
+        block_d, warps = (tiles.bwd_block_d, tiles.bwd_warps) if backward else (tiles.fwd_block_d, tiles.fwd_warps)
+        n_chunks = -(-length // tiles.block_l)
         meta = {
             "HAS_D": D is not None,
             "HAS_Z": z is not None,
             "HAS_BIAS": delta_bias is not None,
+            "SOFTPLUS": delta_softplus,
             "B_VAR": B.dim() == 4,
             "C_VAR": C.dim() == 4,
-            "ACC": acc,
+            "ACC": tl.float64 if compute_dtype(u) == torch.float64 else tl.float32,
             "BLOCK_D": block_d,
-            "BLOCK_N": block_n,
-            "BLOCK_L": block_l,
-            # 8 warps for the long N = 1 inference tiles (measured 0.14 vs 0.28 ms at the VMamba stage-1 shape on an
-            # H100; docs/benchmarks.md); 4 elsewhere (8 was slower for the backward and for N = 16)
-            "num_warps": 8 if not self.training and block_n == 1 and block_d * block_l >= 2048 else 4,
+            "BLOCK_N": _next_power_of_2(n),
+            "BLOCK_L": tiles.block_l,
+            "num_warps": warps,
         }
         return (dim, length, n, groups, n_chunks), meta, (batch, -(-dim // block_d))
 
     def forward(self, inputs: ScanInputs) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
         """Fused forward; see :class:`~visionkit.ops._scan_inputs.ScanKernel`."""
-        u, delta, A, B, C, D, z, delta_bias, delta_softplus = inputs
+        u, delta, A, B, C, D, z, delta_bias, _ = inputs
         _check_triton(u)
-        sizes, meta, grid = self._launch_args(u, A, B, C, D, z, delta_bias)
+        sizes, meta, grid = self._launch_args(inputs, backward=False)
         batch, dim, length = u.shape
         n_chunks = sizes[4]
         acc_dtype = compute_dtype(u)
         out = torch.empty_like(u)
         states = torch.empty((batch, dim, max(n_chunks, 1), A.shape[1]), device=u.device, dtype=acc_dtype)
+        last = torch.empty((batch, dim, A.shape[1]), device=u.device, dtype=acc_dtype)
         if length == 0:
-            return out, torch.zeros((batch, dim, A.shape[1]), device=u.device, dtype=acc_dtype), (states,)
+            return out, last.zero_(), (states,)
         dummy = u  # placeholder pointer for absent optional inputs (never read: their constexpr flag is False)
         _scan_fwd_kernel[grid](
             u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
-            delta_bias if delta_bias is not None else dummy, out, states, *sizes,
-            SOFTPLUS=delta_softplus, **meta,
+            delta_bias if delta_bias is not None else dummy, out, states, last, *sizes, **meta,
         )  # fmt: skip
-        return out, states[:, :, -1].clone(), (states,)
+        return out, last, (states,)
 
     def backward(self, inputs: ScanInputs, saved: tuple[Tensor, ...], dout: Tensor) -> Grads:
         """Fused backward; see :class:`~visionkit.ops._scan_inputs.ScanKernel`."""
-        u, delta, A, B, C, D, z, delta_bias, delta_softplus = inputs
+        u, delta, A, B, C, D, z, delta_bias, _ = inputs
         (states,) = saved
-        sizes, meta, grid = self._launch_args(u, A, B, C, D, z, delta_bias)
+        sizes, meta, grid = self._launch_args(inputs, backward=True)
         batch, dim, length = u.shape
         n = A.shape[1]
         acc_dtype = compute_dtype(u)
-
-        def zeros(*shape: int) -> Tensor:
-            return torch.zeros(shape, device=u.device, dtype=acc_dtype)
-
-        def empty(*shape: int) -> Tensor:
-            return torch.empty(shape, device=u.device, dtype=acc_dtype)
-
         groups, n_dblocks = sizes[3], grid[1]
         # per-program partial sums for variable dB / dC unless that buffer would be too large
         partial = batch * n_dblocks * n * length <= _MAX_PARTIAL_RATIO * u.numel()
 
-        def bc_grad_buffer(m: Tensor) -> Tensor:
+        def bc_grad_buffer(m: Tensor) -> Tensor | None:
             if m.dim() == 2:
-                return zeros(batch, dim, n)  # time-invariant: per-batch sums
-            return empty(batch, n_dblocks, n, length) if partial else zeros(*m.shape)
+                return None  # time-invariant: rows of ``sums``
+            shape = (batch, n_dblocks, n, length) if partial else m.shape
+            return (torch.empty if partial else torch.zeros)(shape, device=u.device, dtype=acc_dtype)
 
-        du, ddelta = empty(batch, dim, length), empty(batch, dim, length)
-        dz = empty(batch, dim, length) if z is not None else None
-        dA_part, dD_part, dbias_part = zeros(batch, dim, n), zeros(batch, dim), zeros(batch, dim)
+        du, ddelta = torch.empty_like(u, dtype=acc_dtype), torch.empty_like(u, dtype=acc_dtype)
+        dz = torch.empty_like(du) if z is not None else None
+        # every program writes its columns of every row it uses; the rows of absent inputs are never read
+        sums = (torch.zeros if length == 0 else torch.empty)((batch, 3 * n + 2, dim), device=u.device, dtype=acc_dtype)
         dB, dC = bc_grad_buffer(B), bc_grad_buffer(C)
         if length > 0:
             dummy = u
             _scan_bwd_kernel[grid](
                 u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
                 delta_bias if delta_bias is not None else dummy, states, dout,
-                du, ddelta, dz if dz is not None else du, dA_part, dB, dC, dD_part, dbias_part, dB, dC, *sizes,
-                SOFTPLUS=delta_softplus, BC_PARTIAL=partial, **meta,
+                du, ddelta, dz if dz is not None else du, sums,
+                dB if dB is not None else du, dC if dC is not None else du, *sizes, BC_PARTIAL=partial, **meta,
             )  # fmt: skip
+        total = sums.sum(0) if batch > 1 else sums[0]  # (3N + 2, dim)
 
-        def bc_grad(m: Tensor, g: Tensor) -> Tensor:
-            if m.dim() == 2:
-                return g.sum(0)
+        def bc_grad(g: Tensor | None, row: int) -> Tensor:
+            if g is None:  # time-invariant (dim, N)
+                return total[row * n : (row + 1) * n].t()
             if partial:  # programs of one group are consecutive: (batch, G, blocks per group, N, L)
                 return g.view(batch, groups, n_dblocks // groups, n, length).sum(2)
             return g
@@ -417,12 +453,12 @@ class _TritonScanKernel:
         return (
             du,
             ddelta,
-            dA_part.sum(0),
-            bc_grad(B, dB),
-            bc_grad(C, dC),
-            dD_part.sum(0) if D is not None else None,
+            total[:n].t(),
+            bc_grad(dB, 1),
+            bc_grad(dC, 2),
+            total[3 * n] if D is not None else None,
             dz,
-            dbias_part.sum(0) if delta_bias is not None else None,
+            total[3 * n + 1] if delta_bias is not None else None,
         )
 
 
