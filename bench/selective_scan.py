@@ -7,19 +7,23 @@ so by default it gets a single timed forward + backward (``--reference-repeats``
 torch threads (the reference's many tiny ops slow down badly with 2 threads on a shared 2-core machine). Ratios are
 reference time / backend time.
 
-Memory, two numbers per backend and shape:
+Timings run with glibc's malloc defaults (as in any program: a large tensor freed and allocated again reuses pages
+already mapped); ``--pinned-timing`` times with the mmap threshold pinned as in the memory pass instead.
+
+Memory, two numbers per backend and shape, from a fresh Python process per shape started after all timings:
   * ``saved MB``: bytes of the tensors autograd keeps for the backward, not counting the inputs (from
     ``torch.autograd.graph.saved_tensors_hooks`` in a separate untimed forward; storages counted once);
-  * ``peak MB``: peak resident-set growth during the last timed forward + backward, measured by resetting the
-    kernel's high-water mark (``/proc/self/clear_refs``) and reading ``VmHWM`` - ``VmRSS`` from ``/proc/self/status``;
-    glibc's mmap threshold is pinned at 64 KiB so freed tensors go back to the OS (Linux only).
+  * ``peak MB``: peak resident-set growth during one forward + backward (after one warm-up call whose gradients are
+    dropped before the measurement): the kernel's high-water mark is reset (``/proc/self/clear_refs``), then
+    ``VmHWM`` - ``VmRSS`` is read from ``/proc/self/status``. That process pins glibc's mmap threshold at 64 KiB from
+    its start, so that freed tensors go back to the OS and the mark sees each call's own allocations (Linux only).
 
 Inputs are realistic (mamba's tests / VMamba init): fp32, seed 0, A = -exp(log(1..N)) per channel, delta ≈ raw
 dt_proj output around softplus⁻¹(0.001 … 0.1), delta_softplus=True, D = 1, delta_bias, no z.
 
 Usage::
 
-    .venv/bin/python bench/selective_scan.py --repeats 3 --threads 2 --reference-threads 1
+    .venv/bin/python bench/selective_scan.py --repeats 5 --threads 2 --reference-threads 2 --reference-repeats 3
 """
 
 from __future__ import annotations
@@ -27,11 +31,14 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
+import json
 import math
 import os
 import platform
 import re
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -101,10 +108,12 @@ def saved_bytes(fn: Callable[[dict], torch.Tensor], inputs: dict[str, torch.Tens
     return total
 
 
-def time_backend(
-    backend: str, inputs: dict[str, torch.Tensor], repeats: dict[str, int], warmup: bool
-) -> dict[str, float]:
-    """Median seconds of the forward and of the forward + backward, peak RSS growth and saved bytes."""
+def _runners(backend: str, inputs: dict[str, torch.Tensor]) -> dict[str, Callable[[], None]]:
+    """The two timed calls: forward under ``no_grad`` and forward + backward (gradients of all inputs).
+
+    The forward + backward first drops the previous call's gradients (as ``zero_grad(set_to_none=True)`` would);
+    ``"clear"`` does only that.
+    """
 
     def forward() -> None:
         with torch.no_grad():
@@ -112,30 +121,72 @@ def time_backend(
 
     leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
 
-    def forward_backward() -> None:
+    def clear() -> None:
         for v in leaves.values():
             v.grad = None
+
+    def forward_backward() -> None:
+        clear()
         out = selective_scan(**leaves, delta_softplus=True, backend=backend)
         out.backward(torch.ones_like(out))
 
+    return {"fwd": forward, "fwd+bwd": forward_backward, "clear": clear}
+
+
+def time_backend(
+    backend: str, inputs: dict[str, torch.Tensor], repeats: dict[str, int], warmup: bool
+) -> dict[str, float]:
+    """Median seconds of the forward and of the forward + backward."""
     result = {}
-    for name, fn in (("fwd", forward), ("fwd+bwd", forward_backward)):
+    runners = _runners(backend, inputs)
+    for name in ("fwd", "fwd+bwd"):
+        fn = runners[name]
         if warmup:
             fn()
-        times, peak, last = [], 0.0, repeats[name] - 1
-        for i in range(repeats[name]):
-            base = _reset_peak() if i == last else 0
+        times = []
+        for _ in range(repeats[name]):
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
-            if i == last:
-                peak = (_status_kib("VmHWM") - base) / 1024
         result[name] = statistics.median(times)
-        result[f"{name} peak MB"] = peak
-    result["saved MB"] = (
-        saved_bytes(lambda x: selective_scan(**x, delta_softplus=True, backend=backend), inputs) / 2**20
-    )
     return result
+
+
+def memory_backend(backend: str, inputs: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Peak resident-set growth (MB) of one forward + backward after a warm-up, and the autograd-saved MB."""
+    runners = _runners(backend, inputs)
+    runners["fwd+bwd"]()
+    runners["clear"]()
+    base = _reset_peak()
+    runners["fwd+bwd"]()
+    return {
+        "peak MB": (_status_kib("VmHWM") - base) / 1024,
+        "saved MB": saved_bytes(lambda x: selective_scan(**x, delta_softplus=True, backend=backend), inputs) / 2**20,
+    }
+
+
+def _memory_pass(shapes: list[str], backends: list[str], threads: int, ref_threads: int) -> None:
+    """Run in a fresh process (``--memory-pass``): the mmap threshold is pinned before any tensor exists, so that
+    freed tensors leave the resident set and the high-water mark sees each call's own allocations. Prints one JSON
+    line per (shape, backend)."""
+    pinned = _pin_malloc()
+    for shape_name in shapes:
+        inputs = make_inputs(*SHAPES[shape_name])
+        for backend in backends:
+            torch.set_num_threads(ref_threads if backend == "reference" else threads)
+            print(json.dumps({"shape": shape_name, "backend": backend, "pinned": pinned,
+                              **memory_backend(backend, inputs)}), flush=True)  # fmt: skip
+
+
+def _measure_memory(shapes: list[str], backends: list[str], threads: int, ref_threads: int) -> dict:
+    """Run :func:`_memory_pass` in one fresh process per shape (a shape measured after a larger one read low)."""
+    rows = []
+    for shape in shapes:
+        cmd = [sys.executable, __file__, "--memory-pass", "--shapes", shape, "--backends", ",".join(backends),
+               "--threads", str(threads), "--reference-threads", str(ref_threads)]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        rows += [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    return {(r["shape"], r["backend"]): r for r in rows}
 
 
 def _ratio(ref: dict[str, float], r: dict[str, float], key: str) -> str:
@@ -152,40 +203,56 @@ def main() -> None:
     parser.add_argument(
         "--reference-threads", type=int, default=None, help="torch threads while the reference runs (default --threads)"
     )
+    parser.add_argument(
+        "--pinned-timing",
+        action="store_true",
+        help="time with glibc's mmap threshold pinned at 64 KiB as well (large tensors page-faulted on every call)",
+    )
+    parser.add_argument("--memory-pass", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     backends = args.backends.split(",")
+    shapes = args.shapes.split(",")
     torch.set_num_threads(args.threads)
     if "numba" in backends:
         import numba
 
         numba.set_num_threads(args.threads)
-    pinned = _pin_malloc()
     ref_threads = args.reference_threads or args.threads
+    if args.memory_pass:
+        _memory_pass(shapes, backends, args.threads, ref_threads)
+        return
     print(f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads")
     print(f"(reference: {ref_threads} torch thread(s));")
     print(f"torch {torch.__version__}, load average {os.getloadavg()[0]:.2f} at start; fp32, seed 0")
     print(f"median of {args.repeats} after 1 warm-up (reference fwd+bwd: {args.reference_repeats} run, no warm-up)")
-    print(f"memory: saved = autograd-saved bytes beyond the inputs; peak = VmHWM - VmRSS (malloc pinned: {pinned})\n")
+    pinned = _pin_malloc() if args.pinned_timing else False
+    malloc = "the mmap threshold pinned (large tensors page-faulted afresh)" if pinned else "glibc malloc defaults"
+    print(f"timing with {malloc}")
+
+    results: dict[tuple[str, str], dict[str, float]] = {}
+    for shape_name in shapes:
+        inputs = make_inputs(*SHAPES[shape_name])
+        for backend in backends:
+            is_ref = backend == "reference"
+            torch.set_num_threads(ref_threads if is_ref else args.threads)
+            repeats = {"fwd": args.repeats, "fwd+bwd": args.reference_repeats if is_ref else args.repeats}
+            results[shape_name, backend] = time_backend(backend, inputs, repeats, warmup=not is_ref)
+            print(f"  timed {shape_name} {backend}", flush=True)
+    memory = _measure_memory(shapes, backends, args.threads, ref_threads)
+    pinned = all(r["pinned"] for r in memory.values())
+    print(f"memory: saved = autograd-saved bytes beyond the inputs; peak = VmHWM - VmRSS of one fwd+bwd "
+          f"(fresh process, malloc pinned: {pinned})\n")  # fmt: skip
 
     header = f"{'shape':<8}{'backend':<11}{'fwd s':>9}{'x ref':>8}{'fwd+bwd s':>11}{'x ref':>8}"
     header += f"{'saved MB':>10}{'peak MB':>9}"
     print(header)
-    for shape_name in args.shapes.split(","):
-        shape = SHAPES[shape_name]
-        inputs = make_inputs(*shape)
-        ref: dict[str, float] = {}
+    for shape_name in shapes:
+        ref = results.get((shape_name, "reference"), {})
         for backend in backends:
-            is_ref = backend == "reference"
-            torch.set_num_threads(args.reference_threads or args.threads if is_ref else args.threads)
-            repeats = {"fwd": args.repeats, "fwd+bwd": args.reference_repeats if is_ref else args.repeats}
-            r = time_backend(backend, inputs, repeats, warmup=not is_ref)
-            if is_ref:
-                ref = r
+            r = {**results[shape_name, backend], **memory[shape_name, backend]}
             print(
                 f"{shape_name:<8}{backend:<11}{r['fwd']:9.4f}{_ratio(ref, r, 'fwd')}{r['fwd+bwd']:11.4f}"
-                f"{_ratio(ref, r, 'fwd+bwd')}"
-                f"{r['saved MB']:10.1f}{r['fwd+bwd peak MB']:9.1f}",
-                flush=True,
+                f"{_ratio(ref, r, 'fwd+bwd')}{r['saved MB']:10.1f}{r['peak MB']:9.1f}"
             )
     print(f"\nload average {os.getloadavg()[0]:.2f} at the end")
 

@@ -18,6 +18,7 @@ from visionkit.ops import selective_scan, selective_scan_reference
 
 pytest.importorskip("numba")
 snb = importlib.import_module("visionkit.ops.selective_scan_numba")
+numba_math = importlib.import_module("visionkit.ops._numba_math")
 selective_scan_numba = snb.selective_scan_numba
 
 
@@ -95,11 +96,12 @@ def test_gradcheck_float64(monkeypatch):
     assert torch.autograd.gradcheck(fn_ti, tuple(ti[k] for k in ti_names))
 
 
+@pytest.mark.parametrize("n", [1, 5])
 @pytest.mark.parametrize("chunk", [1, 7, 64])
-def test_float64_matches_reference_to_rounding(chunk, monkeypatch):
+def test_float64_matches_reference_to_rounding(chunk, n, monkeypatch):
     # in float64 the chunked recomputation must agree with the sequential reference to rounding, for any chunk
     monkeypatch.setattr(snb, "CHUNK", chunk)
-    inputs = make_inputs(dim=6, length=100, n=5, groups=3, dtype=torch.float64, seed=9)
+    inputs = make_inputs(dim=6, length=100, n=n, groups=3, dtype=torch.float64, seed=9)
     ref_in, nb_in = clone_inputs(inputs), clone_inputs(inputs)
     ref = selective_scan_reference(**ref_in, delta_softplus=True)
     out = selective_scan_numba(**nb_in, delta_softplus=True)
@@ -108,6 +110,58 @@ def test_float64_matches_reference_to_rounding(chunk, monkeypatch):
     out.sum().backward()
     for name, v in ref_in.items():
         torch.testing.assert_close(nb_in[name].grad, v.grad, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("chunk", [16, 1024])
+@pytest.mark.parametrize(("dim", "bc", "groups"), [(40, "ti", 1), (6, "var", 0), (40, "var", 2), (40, "mixed", 4)])
+@pytest.mark.parametrize(
+    ("has_z", "has_d", "has_bias", "softplus"),
+    [(True, True, True, True), (False, False, False, False), (True, False, True, False), (False, True, False, True)],
+)
+def test_single_state_kernels(chunk, dim, bc, groups, has_z, has_d, has_bias, softplus, monkeypatch):
+    # N = 1 runs the lane-interleaved kernels: dim 40 gives tasks of 5-20 channels with 1-4 threads (all four lanes,
+    # some lane groups short), dim 6 tasks of one channel; L = 70 ends in a partial chunk of 16 (or is one chunk);
+    # "mixed" is a time-invariant B with a grouped C
+    monkeypatch.setattr(snb, "CHUNK", chunk)
+    kw = {"dim": dim, "length": 70, "n": 1, "has_z": has_z, "has_d": has_d, "has_bias": has_bias}
+    inputs = make_inputs(**kw, bc="ti" if bc == "ti" else "var", groups=groups, seed=dim + groups + chunk)
+    if bc == "mixed":
+        inputs["B"] = make_inputs(**kw, bc="ti", seed=1)["B"]
+    check_against_reference(inputs, softplus=softplus, time_invariant=bc != "var", has_z=has_z)
+
+
+def test_single_state_gradcheck_float64(monkeypatch):
+    # the N = 1 kernels in float64 (math.exp / log1p): grouped B / C with z over chunks of 4, idle lanes (dim 5)
+    monkeypatch.setattr(snb, "CHUNK", 4)
+    inputs = make_inputs(batch=2, dim=5, length=10, n=1, groups=5, dtype=torch.float64, seed=12)
+    names = list(inputs)
+
+    def fn(*args):
+        return selective_scan_numba(**dict(zip(names, args, strict=True)), delta_softplus=True, return_last_state=True)
+
+    assert torch.autograd.gradcheck(fn, tuple(inputs[k] for k in names))
+    ti = make_inputs(batch=1, dim=3, length=9, n=1, bc="ti", has_z=False, dtype=torch.float64, seed=13)
+    ti_names = [k for k, v in ti.items() if v is not None]
+
+    def fn_ti(*args):
+        return selective_scan_numba(**dict(zip(ti_names, args, strict=True)))
+
+    assert torch.autograd.gradcheck(fn_ti, tuple(ti[k] for k in ti_names))
+
+
+@pytest.mark.parametrize("n", [2, 16])
+@pytest.mark.parametrize("chunk", [16, 1024])
+@pytest.mark.parametrize(("dim", "bc", "groups"), [(8, "ti", 1), (8, "var", 0), (12, "var", 3), (8, "mixed", 2)])
+@pytest.mark.parametrize("has_z", [False, True])
+def test_multi_state_kernels(n, chunk, dim, bc, groups, has_z, monkeypatch):
+    # N > 1 runs the row-vectorised kernels: L = 70 ends in a partial chunk of 6 (chunk 16) or is one chunk; a
+    # time-invariant B / C is repeated into a buffer, a variable one read in place; "mixed": time-invariant B, grouped C
+    monkeypatch.setattr(snb, "CHUNK", chunk)
+    kw = {"dim": dim, "length": 70, "n": n, "has_z": has_z}
+    inputs = make_inputs(**kw, bc="ti" if bc == "ti" else "var", groups=groups, seed=dim + groups + chunk + n)
+    if bc == "mixed":
+        inputs["B"] = make_inputs(**kw, bc="ti", seed=2)["B"]
+    check_against_reference(inputs, time_invariant=bc != "var", has_z=has_z)
 
 
 def test_hand_worked_example():
@@ -137,14 +191,14 @@ def test_large_decay_stays_finite():
 def test_exp_and_log1p_float32_accuracy():
     # the polynomial exp / log1p behind the float32 kernels, against float64 torch
     x = torch.linspace(-87.0, 88.0, 20001, dtype=torch.float32)
-    got = torch.tensor([snb._exp_f32_jit(v) for v in x.numpy()], dtype=torch.float64)
+    got = torch.tensor([numba_math.exp_f32_jit(v) for v in x.numpy()], dtype=torch.float64)
     torch.testing.assert_close(got, torch.exp(x.double()), rtol=3e-7, atol=0.0)
     e = torch.linspace(0.0, 1.0, 2001, dtype=torch.float32)
-    got = torch.tensor([snb._log1p_unit_f32_jit(v) for v in e.numpy()], dtype=torch.float64)
+    got = torch.tensor([numba_math.log1p_unit_f32_jit(v) for v in e.numpy()], dtype=torch.float64)
     torch.testing.assert_close(got, torch.log1p(e.double()), rtol=3e-7, atol=1e-12)
-    assert snb._exp_f32_jit(np.float32(100.0)) == math.inf
-    assert snb._exp_f32_jit(np.float32(-100.0)) < 1e-37
-    assert math.isnan(snb._exp_f32_jit(np.float32(math.nan)))
+    assert numba_math.exp_f32_jit(np.float32(100.0)) == math.inf
+    assert numba_math.exp_f32_jit(np.float32(-100.0)) < 1e-37
+    assert math.isnan(numba_math.exp_f32_jit(np.float32(math.nan)))
 
 
 def test_channel_blocks_respect_groups():
