@@ -20,7 +20,6 @@ uninterrupted one would have (``visionkit.tasks.callbacks``).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -34,6 +33,7 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 from lightning.pytorch.loggers import CSVLogger
 
 from visionkit.tasks.callbacks import AtomicCheckpointIO, ReseedEveryEpoch
+from visionkit.utils import write_json_atomic
 
 __all__ = ["VisionkitCLI", "coco_main", "main"]
 
@@ -130,10 +130,8 @@ def coco_main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
         print(format_coco_table(stats, title=f"{iou_type} ({mode}): {ns.results}"))
     suffix = "_agnostic" if ns.class_agnostic else ""
     output = ns.output or ns.results.with_name(f"{ns.results.stem}_metrics{suffix}.json")
-    tmp = output.with_name(output.name + ".tmp")
     # NaN (a class without ground truth) is written as null: JSON has no NaN.
     clean = {k: {n: (None if math.isnan(v) else v) for n, v in stats.items()} for k, stats in metrics.items()}
-    tmp.write_text(json.dumps({"gt": str(ns.gt), "results": str(ns.results), "mode": mode, **clean}, indent=2))
-    os.replace(tmp, output)
+    write_json_atomic({"gt": str(ns.gt), "results": str(ns.results), "mode": mode, **clean}, output, indent=2)
     print(f"metrics written to {output}")
     return metrics

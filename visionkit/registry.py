@@ -30,9 +30,9 @@ from torch.nn.modules.module import register_module_module_registration_hook
 from visionkit.weights import (
     CheckpointError,
     CheckpointMismatchError,
-    describe_key_mismatch,
-    key_mismatch,
     load_state_dict,
+    load_state_dict_into,
+    mismatch_message,
 )
 
 __all__ = ["create_model", "find_local_weights", "list_models", "local_weights_dirs", "register_model"]
@@ -340,7 +340,7 @@ def _create_from_checkpoint(name: str, path: Path, checkpoint_key: str | None, k
             other = [str(error)]
         missing = [k for k in recorder.missing_keys or [] if k not in allowed_missing]
         raise CheckpointMismatchError(
-            _mismatch_message(name, path, missing, recorder.unexpected_keys, other, classifiers)
+            mismatch_message(path, f"model {name!r}", missing, recorder.unexpected_keys, other, classifiers)
         ) from error
     finally:
         del overlay
@@ -354,11 +354,13 @@ def _create_from_checkpoint(name: str, path: Path, checkpoint_key: str | None, k
                 "not build through timm.models.build_model_with_cfg, so the checkpoint cannot be applied before the "
                 "features_only wrapping."
             )
-        _load_strictly(model, state, name, path)
+        load_state_dict_into(model, state, path, f"model {name!r}")
         return model
     missing = [k for k in recorder.missing_keys or [] if k not in allowed_missing]
     if missing or recorder.unexpected_keys:
-        raise CheckpointMismatchError(_mismatch_message(name, path, missing, recorder.unexpected_keys, [], classifiers))
+        raise CheckpointMismatchError(
+            mismatch_message(path, f"model {name!r}", missing, recorder.unexpected_keys, [], classifiers)
+        )
     return model
 
 
@@ -394,43 +396,3 @@ def _forget_state_dict(model: nn.Module) -> None:
             cfg = module.__dict__.get(attribute)
             if isinstance(cfg, dict):
                 cfg.pop("state_dict", None)
-
-
-def _load_strictly(model: nn.Module, state: dict[str, Tensor], name: str, path: Path) -> None:
-    missing, unexpected, shapes = key_mismatch(model, state)
-    if missing or unexpected or shapes:
-        raise CheckpointMismatchError(_mismatch_message(name, path, missing, unexpected, shapes, ()))
-    model.load_state_dict(state, strict=True)
-
-
-def _mismatch_message(
-    name: str,
-    path: Path,
-    missing: list[str],
-    unexpected: list[str],
-    other: list[str],
-    classifiers: tuple[str, ...],
-) -> str:
-    lines = [f"Checkpoint {path} does not fit model {name!r}:", describe_key_mismatch(missing, unexpected, other)]
-    head_keys = {f"{c}.{p}" for c in classifiers for p in ("weight", "bias")}
-    if missing and set(missing) <= head_keys and not unexpected:
-        lines.append("The checkpoint has no classifier: pass num_classes=<n> for a new head, or num_classes=0.")
-    prefix = _common_extra_prefix(missing, unexpected)
-    if prefix:
-        lines.append(
-            f"Its keys carry an extra {prefix!r} prefix (a LightningModule attribute?): convert it once with "
-            f"save_state_dict(load_state_dict(path, strip_prefixes=('module.', '_orig_mod.', {prefix!r})), out)."
-        )
-    return "\n".join(lines)
-
-
-def _common_extra_prefix(missing: list[str], unexpected: list[str]) -> str | None:
-    """``"model."`` if every unexpected key is ``"model." + <a missing key>``, else ``None``."""
-    if not missing or not unexpected:
-        return None
-    prefixes = {key.split(".", 1)[0] + "." for key in unexpected if "." in key}
-    if len(prefixes) != 1:
-        return None
-    prefix = prefixes.pop()
-    stripped = {key[len(prefix) :] for key in unexpected}
-    return prefix if set(missing) <= stripped else None

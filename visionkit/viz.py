@@ -11,13 +11,14 @@ Colours come from a fixed palette indexed by label, so a class keeps its colour 
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+
+from visionkit.utils.io import atomic_write
 
 __all__ = ["PALETTE", "image_grid", "overlay_instances", "save_png", "to_uint8_image"]
 
@@ -172,7 +173,7 @@ def image_grid(images: Sequence[Image.Image], columns: int = 4, padding: int = 2
 
 
 def save_png(image: Image.Image, path: str | os.PathLike[str]) -> Path:
-    """Write ``image`` as PNG atomically (temporary file, then ``os.replace``); parent folders are created.
+    """Write ``image`` as PNG atomically (:func:`visionkit.utils.atomic_write`); parent folders are created.
 
     Args:
         image: The image.
@@ -181,14 +182,4 @@ def save_png(image: Image.Image, path: str | os.PathLike[str]) -> Path:
     Returns:
         The written path.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        image.save(temporary, format="PNG")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))

@@ -6,24 +6,23 @@ allowlist is refused with :class:`UnsafeCheckpointError`; there is no fallback t
 Containers (``state_dict`` / ``model`` / ``module`` / ``model_state``, Lightning ``.ckpt``) are unwrapped and the
 ``module.`` (DDP) and ``_orig_mod.`` (``torch.compile``) prefixes are stripped.
 
-Writing: :func:`save_state_dict` and :func:`atomic_torch_save` write to a temporary file in the destination folder,
-fsync it and ``os.replace`` it over the destination, so a crash or a full disk never leaves a half-written file under
-the final name.
+Writing: :func:`save_state_dict` and :func:`atomic_torch_save` go through :func:`visionkit.utils.atomic_write`
+(temporary file in the destination folder, fsync, ``os.replace``), so a crash or a full disk never leaves a
+half-written file under the final name.
 
-This module is part of the models layer: it imports torch and safetensors only (no Lightning, no timm).
+This module is part of the models layer: it imports torch, safetensors and ``visionkit.utils`` only (no Lightning, no
+timm).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import pickle
 import pickletools
-import secrets
 import warnings
 import zipfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -31,6 +30,8 @@ import safetensors
 import safetensors.torch
 import torch
 from torch import Tensor, nn
+
+from visionkit.utils.io import atomic_write
 
 __all__ = [
     "CheckpointError",
@@ -44,6 +45,7 @@ __all__ = [
     "load_metadata",
     "load_state_dict",
     "load_state_dict_into",
+    "mismatch_message",
     "save_state_dict",
 ]
 
@@ -132,8 +134,59 @@ def key_mismatch(model: nn.Module, state: Mapping[str, Tensor]) -> tuple[list[st
     return missing, unexpected, shapes
 
 
+def mismatch_message(
+    source: str | os.PathLike[str],
+    what: str,
+    missing: list[str],
+    unexpected: list[str],
+    other: Iterable[str] = (),
+    classifiers: Iterable[str] = (),
+) -> str:
+    """The error message of a checkpoint that does not fit a model, with a hint where the cause is recognisable.
+
+    Args:
+        source: The checkpoint file.
+        what: A short name of the model (``"model 'resnet18'"``, ``"open_clip ViT-B-16"``).
+        missing: Keys the model has and the checkpoint lacks.
+        unexpected: Keys the checkpoint has and the model lacks.
+        other: Further problems, one line each (shape mismatches).
+        classifiers: Module names of the model's classifier head (timm's ``pretrained_cfg["classifier"]``), for the
+            "checkpoint without a head" hint.
+
+    Returns:
+        A header line, the summary of :func:`describe_key_mismatch`, then the hints.
+    """
+    lines = [f"Checkpoint {source} does not fit {what}:", describe_key_mismatch(missing, unexpected, other)]
+    head_keys = {f"{c}.{p}" for c in classifiers for p in ("weight", "bias")}
+    if missing and set(missing) <= head_keys and not unexpected:
+        lines.append("The checkpoint has no classifier: pass num_classes=<n> for a new head, or num_classes=0.")
+    prefix = _common_extra_prefix(missing, unexpected)
+    if prefix:
+        lines.append(
+            f"Its keys carry an extra {prefix!r} prefix (a LightningModule attribute?): convert it once with "
+            f"save_state_dict(load_state_dict(path, strip_prefixes=('module.', '_orig_mod.', {prefix!r})), out)."
+        )
+    return "\n".join(lines)
+
+
+def _common_extra_prefix(missing: list[str], unexpected: list[str]) -> str | None:
+    """``"model."`` if every unexpected key is ``"model." + <a missing key>``, else ``None``."""
+    if not missing or not unexpected:
+        return None
+    prefixes = {key.split(".", 1)[0] + "." for key in unexpected if "." in key}
+    if len(prefixes) != 1:
+        return None
+    prefix = prefixes.pop()
+    stripped = {key[len(prefix) :] for key in unexpected}
+    return prefix if set(missing) <= stripped else None
+
+
 def load_state_dict_into(
-    model: nn.Module, state: Mapping[str, Tensor], source: str | os.PathLike[str], what: str
+    model: nn.Module,
+    state: Mapping[str, Tensor],
+    source: str | os.PathLike[str],
+    what: str,
+    classifiers: Iterable[str] = (),
 ) -> None:
     """Load ``state`` into ``model`` strictly, or raise an error that lists every problem.
 
@@ -142,15 +195,14 @@ def load_state_dict_into(
         state: Its state dict, keys already in the model's layout.
         source: Where ``state`` came from (a file), named in the error.
         what: A short name of the model (``"open_clip ViT-B-16"``), named in the error.
+        classifiers: The model's classifier module names, for the error's hint (see :func:`mismatch_message`).
 
     Raises:
         CheckpointMismatchError: Missing or unexpected keys, or shape mismatches; all are listed.
     """
     missing, unexpected, shapes = key_mismatch(model, state)
     if missing or unexpected or shapes:
-        raise CheckpointMismatchError(
-            f"{source} does not fit {what}:\n" + describe_key_mismatch(missing, unexpected, shapes)
-        )
+        raise CheckpointMismatchError(mismatch_message(source, what, missing, unexpected, shapes, classifiers))
     model.load_state_dict(state, strict=True)
 
 
@@ -323,10 +375,10 @@ def save_state_dict(
         metadata = dict(metadata)
     if path.suffix == ".safetensors":
         contiguous = _unshare_storage(tensors)
-        _atomic_write(path, lambda tmp: safetensors.torch.save_file(contiguous, str(tmp), metadata=metadata))
+        atomic_write(path, lambda tmp: safetensors.torch.save_file(contiguous, str(tmp), metadata=metadata))
     else:
         payload: dict[str, Any] = tensors if metadata is None else {"state_dict": tensors, "metadata": metadata}
-        _atomic_write(path, lambda tmp: _torch_save_to(payload, tmp))
+        atomic_write(path, lambda tmp: _torch_save_to(payload, tmp))
     return path
 
 
@@ -341,48 +393,13 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
         ``path`` as a :class:`~pathlib.Path`.
     """
     path = Path(path)
-    _atomic_write(path, lambda tmp: _torch_save_to(obj, tmp))
+    atomic_write(path, lambda tmp: _torch_save_to(obj, tmp))
     return path
 
 
 def _torch_save_to(obj: Any, tmp: Path) -> None:
     with tmp.open("wb") as file:
         torch.save(obj, file)
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Run ``write(tmp)`` on a fresh temporary path next to ``path``, fsync it, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        # O_EXCL: never write through a file or link that someone else put there; 0o666 lets the umask decide the
-        # mode, as for a file opened normally (mkstemp would leave it 0o600).
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-        mode = tmp.stat().st_mode & 0o777
-        write(tmp)
-        if tmp.stat().st_mode & 0o777 != mode:  # safetensors re-creates the file as 0o600
-            os.chmod(tmp, mode)
-        with tmp.open("rb+") as file:
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    _fsync_directory(path.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    # Makes the rename itself durable on POSIX; directories cannot be opened this way on Windows, where the rename
-    # is already as durable as it gets, so that failure is expected and has nothing to report.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _unshare_storage(tensors: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -13,7 +13,6 @@
 from visionkit.data.ade20k import ADE20K_CLASSES, ADE20KDataset
 from visionkit.data.coco import COCODataset, COCOFormatError
 from visionkit.data.collate import (
-    SEGMENTATION_IGNORE_INDEX,
     collate_classification,
     collate_detection,
     collate_segmentation,
@@ -40,11 +39,8 @@ from visionkit.data.synthetic import (
     write_shapes_classification,
     write_shapes_coco,
 )
+from visionkit.utils.constants import CLIP_MEAN, CLIP_STD, IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 from visionkit.data.transforms import (
-    CLIP_MEAN,
-    CLIP_STD,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     CenterCrop,
     Compose,
     JointTransform,
@@ -67,7 +63,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMAGE_EXTENSIONS",
-    "SEGMENTATION_IGNORE_INDEX",
+    "IGNORE_INDEX",
     "SHAPE_CATEGORIES",
     "SHAPE_CLASS_NAMES",
     "ADE20KDataModule",

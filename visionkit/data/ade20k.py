@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from visionkit.data.image_io import IMAGE_EXTENSIONS, read_image, read_label_map
+from visionkit.utils.constants import IGNORE_INDEX
 
 __all__ = ["ADE20K_CLASSES", "ADE20KDataset"]
 
@@ -40,7 +41,6 @@ ADE20K_CLASSES: tuple[str, ...] = (
     "hood", "sconce", "vase", "traffic light", "tray", "ashcan", "fan", "pier", "crt screen", "plate", "monitor",
     "bulletin board", "shower", "radiator", "glass", "clock", "flag",
 )  # fmt: skip
-IGNORE_INDEX = 255
 _SPLITS = {"training": "training", "train": "training", "validation": "validation", "val": "validation"}
 
 

@@ -17,8 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from visionkit.utils.constants import IGNORE_INDEX
+
 __all__ = [
-    "SEGMENTATION_IGNORE_INDEX",
     "collate_classification",
     "collate_detection",
     "collate_segmentation",
@@ -27,8 +28,6 @@ __all__ = [
 
 Batch = Sequence[tuple[Tensor, dict[str, Any]]]
 
-# Label value of padded pixels: the ignore index of the segmentation contract (mmseg / ADE20K convention).
-SEGMENTATION_IGNORE_INDEX = 255
 
 
 def _describe(target: dict[str, Any], index: int) -> str:
@@ -88,7 +87,7 @@ def collate_detection(batch: Batch) -> tuple[list[Tensor], list[dict[str, Any]]]
 
 
 def collate_segmentation(
-    batch: Batch, fill: float = 0, ignore_index: int = SEGMENTATION_IGNORE_INDEX, size_divisor: int = 1
+    batch: Batch, fill: float = 0, ignore_index: int = IGNORE_INDEX, size_divisor: int = 1
 ) -> tuple[Tensor, dict[str, Any]]:
     """Pad semantic-segmentation samples to the largest height and width in the batch and stack them.
 

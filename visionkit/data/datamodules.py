@@ -14,13 +14,13 @@ from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 
-from visionkit.data.ade20k import IGNORE_INDEX, ADE20KDataset
+from visionkit.data.ade20k import ADE20KDataset
 from visionkit.data.coco import COCODataset
 from visionkit.data.collate import collate_classification, collate_detection, collate_segmentation, collate_unlabeled
 from visionkit.data.datamodule_base import BaseDataModule, SeededRandomSampler
 from visionkit.data.image_folder import ImageFolderClassification, UnlabeledImageFolder
 from visionkit.data.presets import classification_transforms, detection_transforms, segmentation_transforms
-from visionkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from visionkit.utils.constants import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "ADE20KDataModule",

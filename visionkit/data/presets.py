@@ -11,9 +11,9 @@ from collections.abc import Sequence
 
 import torch
 
+from visionkit.utils.constants import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
+
 from visionkit.data.transforms import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     CenterCrop,
     Compose,
     Normalize,
@@ -75,7 +75,7 @@ def segmentation_transforms(
     scale_range: tuple[float, float] = (0.5, 2.0),
     cat_max_ratio: float = 0.75,
     flip_prob: float = 0.5,
-    ignore_index: int = 255,
+    ignore_index: int = IGNORE_INDEX,
     size_divisor: int | None = 32,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,

@@ -25,15 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from visionkit.utils.constants import CLIP_MEAN, CLIP_STD, IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
+
 Target = dict[str, Any]
 Sample = tuple[Tensor, Target]
 TransformFn = Callable[[Tensor, Target], Sample]
 
 __all__ = [
-    "CLIP_MEAN",
-    "CLIP_STD",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
     "MIN_BOX_SIZE",
     "CenterCrop",
     "Compose",
@@ -57,12 +55,6 @@ __all__ = [
     "resize_sample",
 ]
 
-# torchvision's ImageNet weights (`ResNet50_Weights.IMAGENET1K_V1.transforms()`), in [0, 1] units.
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-# OpenAI CLIP preprocessing (`openai/CLIP` clip/clip.py `_transform`; open_clip `OPENAI_DATASET_MEAN/STD`).
-CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
 # Boxes whose width or height falls below this many pixels are removed (torchvision `SanitizeBoundingBoxes` min_size=1).
 MIN_BOX_SIZE = 1.0
@@ -244,7 +236,7 @@ def crop_sample(image: Tensor, target: Target, top: int, left: int, height: int,
 
 
 def pad_sample(
-    image: Tensor, target: Target, bottom: int, right: int, fill: float = 0, ignore_index: int = 255
+    image: Tensor, target: Target, bottom: int, right: int, fill: float = 0, ignore_index: int = IGNORE_INDEX
 ) -> Sample:
     """Pad ``bottom`` rows and ``right`` columns; boxes are unchanged.
 
@@ -481,7 +473,7 @@ class RandomCrop(JointTransform):
         self,
         size: int | Sequence[int],
         cat_max_ratio: float = 1.0,
-        ignore_index: int = 255,
+        ignore_index: int = IGNORE_INDEX,
         fill: float = 0,
         generator: torch.Generator | None = None,
     ) -> None:
@@ -525,7 +517,7 @@ class CenterCrop(JointTransform):
 
     _repr_fields = ("size",)
 
-    def __init__(self, size: int | Sequence[int], fill: float = 0, ignore_index: int = 255) -> None:
+    def __init__(self, size: int | Sequence[int], fill: float = 0, ignore_index: int = IGNORE_INDEX) -> None:
         self.size = _pair(size, "CenterCrop")
         self.fill = fill
         self.ignore_index = ignore_index
@@ -547,7 +539,7 @@ class PadToMultiple(JointTransform):
 
     _repr_fields = ("divisor", "fill", "ignore_index")
 
-    def __init__(self, divisor: int = 32, fill: float = 0, ignore_index: int = 255) -> None:
+    def __init__(self, divisor: int = 32, fill: float = 0, ignore_index: int = IGNORE_INDEX) -> None:
         if divisor <= 0:
             raise ValueError(f"PadToMultiple: divisor must be positive, got {divisor}")
         self.divisor = divisor

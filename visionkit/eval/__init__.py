@@ -13,6 +13,7 @@ from visionkit.eval.coco import (
     format_coco_table,
 )
 from visionkit.eval.coco_evaluator import COCOEvaluator
+from visionkit.eval.coco_results import coco_result_records
 from visionkit.eval.rle import decode_rle, encode_mask, encode_masks, rle_area, rle_to_bbox
 from visionkit.eval.segmentation import SegmentationEvaluator
 
@@ -24,6 +25,7 @@ __all__ = [
     "COCOGroundTruth",
     "ClassificationEvaluator",
     "SegmentationEvaluator",
+    "coco_result_records",
     "decode_rle",
     "encode_mask",
     "encode_masks",

@@ -1,4 +1,4 @@
-"""Top-k classification accuracy, for one batch or streamed over a dataset (DDP-aware)."""
+"""Top-k classification accuracy, for one batch or streamed over a dataset (DDP-aware through torchmetrics)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import warnings
 from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
+from torchmetrics import Metric
 
 __all__ = ["ClassificationEvaluator", "topk_accuracy"]
 
@@ -68,20 +68,26 @@ def topk_accuracy(logits: torch.Tensor, target: torch.Tensor, ks: Sequence[int] 
     return {k: float(count) / logits.shape[0] for k, count in zip(ks_tuple, correct.tolist(), strict=True)}
 
 
-class ClassificationEvaluator:
-    """Streams top-k accuracy: sums correct counts and samples, all-reduced across ranks in ``compute``.
+class ClassificationEvaluator(Metric):
+    """Streams top-k accuracy: a torchmetrics ``Metric`` whose counts are summed over the processes in ``compute``.
 
     Args:
         ks: The k values (clipped to the number of classes per batch, as in ``topk_accuracy``).
+
+    The counts live on the device of the latest ``update`` (the evaluator moves itself there), so that a NCCL process
+    group can sum them.
     """
 
-    def __init__(self, ks: Sequence[int] = (1, 5)) -> None:
-        self.ks = _validate_ks(ks)
-        self._counts = torch.zeros(len(self.ks) + 1, dtype=torch.int64)  # correct per k, then number of samples
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = True
+    counts: torch.Tensor
 
-    def reset(self) -> None:
-        """Zero the counts."""
-        self._counts = torch.zeros_like(self._counts)
+    def __init__(self, ks: Sequence[int] = (1, 5)) -> None:
+        super().__init__()
+        self.ks = _validate_ks(ks)
+        # Correct predictions per k, then the number of samples.
+        self.add_state("counts", default=torch.zeros(len(self.ks) + 1, dtype=torch.int64), dist_reduce_fx="sum")
 
     def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
         """Add a batch.
@@ -92,9 +98,9 @@ class ClassificationEvaluator:
         """
         correct = _count_correct(logits, target, self.ks)
         batch = torch.cat([correct, correct.new_tensor([logits.shape[0]])])
-        if self._counts.device != batch.device:
-            self._counts = self._counts.to(batch.device)
-        self._counts += batch
+        if self.counts.device != batch.device:
+            self.to(batch.device)
+        self.counts += batch
 
     def compute(self) -> dict[str, float]:
         """Accuracy over everything seen (on all ranks).
@@ -102,12 +108,7 @@ class ClassificationEvaluator:
         Returns:
             ``{"top<k>": accuracy}`` in ``[0, 1]``; ``nan`` (with a warning) when no sample was seen.
         """
-        counts = self._counts.clone()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            if dist.get_backend() == "nccl" and counts.device.type != "cuda":
-                counts = counts.cuda()
-            dist.all_reduce(counts, op=dist.ReduceOp.SUM)
-        values = counts.cpu().tolist()
+        values = self.counts.detach().cpu().tolist()
         total = values[-1]
         if total == 0:
             warnings.warn(

@@ -8,29 +8,21 @@ only, and the metrics are broadcast so every rank returns the same dict.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from visionkit.eval.coco import COCO_ENGINE, IOU_TYPES, COCOGroundTruth
-from visionkit.eval.rle import encode_masks
+from visionkit.eval.coco_results import coco_result_records
+from visionkit.utils import gather_to_rank0, run_on_rank0, write_json_atomic
 
 __all__ = ["COCOEvaluator"]
 
 # Probability masks are binarised like torchvision's detection reference (``references/detection``: masks > 0.5).
 MASK_THRESHOLD = 0.5
-
-
-def _distributed_world_size() -> int:
-    """World size if ``torch.distributed`` is initialised, else 1."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 class COCOEvaluator:
@@ -148,20 +140,11 @@ class COCOEvaluator:
                 f"prediction for image {image_id}: labels {sorted(set(labels[~known].tolist()))} are not in "
                 f"contiguous_to_category_id"
             )
-        xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1)
-        if not bool(torch.isfinite(xywh).all()) or bool((xywh[:, 2:] < 0).any()) or not bool(scores.isfinite().all()):
-            raise ValueError(f"prediction for image {image_id}: boxes must be finite xyxy with x2 >= x1, y2 >= y1")
-        records: list[dict[str, Any]] = [
-            {"image_id": image_id, "category_id": category_id, "bbox": bbox, "score": score}
-            for category_id, bbox, score in zip(category_ids.tolist(), xywh.tolist(), scores.tolist(), strict=True)
-        ]
-        if "segm" in self.iou_types:
-            for record, rle in zip(records, self._encode_masks(prediction, image_id, count), strict=True):
-                record["segmentation"] = rle
-        return records
+        masks = self._binary_masks(prediction, image_id, count) if "segm" in self.iou_types else None
+        return coco_result_records(image_id, scores, category_ids, boxes=boxes, masks=masks)
 
-    def _encode_masks(self, prediction: Mapping[str, torch.Tensor], image_id: int, count: int) -> list[dict[str, Any]]:
-        """Binarise and RLE-encode one image's masks after checking them against the GT image size."""
+    def _binary_masks(self, prediction: Mapping[str, torch.Tensor], image_id: int, count: int) -> torch.Tensor:
+        """One image's masks as bool ``(K, H, W)`` on the CPU, after checking them against the GT image size."""
         if "masks" not in prediction:
             raise ValueError(f"prediction for image {image_id} lacks 'masks', needed for iou_type 'segm'")
         masks = torch.as_tensor(prediction["masks"]).detach()
@@ -175,7 +158,7 @@ class COCOEvaluator:
             )
         if masks.dtype != torch.bool:
             masks = masks > MASK_THRESHOLD
-        return encode_masks(masks.cpu())
+        return masks.cpu()
 
     def compute(self) -> dict[str, float]:
         """Evaluate the images seen by ``update`` (on every rank, under DDP) and return the metrics.
@@ -185,23 +168,13 @@ class COCOEvaluator:
             ``<iou type>_AP/<category name>`` per class; conventions as in ``visionkit.eval.evaluate_coco``.
             The same dict on every rank.
         """
-        if _distributed_world_size() == 1:
-            return self._evaluate([list(self._records_by_image.items())], self._duplicate_images)
-        rank = dist.get_rank()
-        gathered: list[Any] | None = [None] * dist.get_world_size() if rank == 0 else None
-        dist.gather_object((list(self._records_by_image.items()), self._duplicate_images), gathered, dst=0)
-        payload: list[Any] = [None]
-        if rank == 0:
+        gathered = gather_to_rank0((list(self._records_by_image.items()), self._duplicate_images))
+
+        def evaluate_on_rank0() -> dict[str, float]:
             assert gathered is not None
-            try:
-                payload[0] = ("ok", self._evaluate([items for items, _ in gathered], sum(n for _, n in gathered)))
-            except Exception as error:  # sent to the other ranks so that they raise too instead of hanging
-                payload[0] = ("error", error)
-        dist.broadcast_object_list(payload, src=0)
-        status, value = payload[0]
-        if status == "error":
-            raise value
-        return value
+            return self._evaluate([items for items, _ in gathered], sum(count for _, count in gathered))
+
+        return run_on_rank0(evaluate_on_rank0)
 
     def _evaluate(self, per_rank_items: list[list[tuple[int, list[dict[str, Any]]]]], duplicates: int) -> dict:
         """Merge per-rank records (first occurrence of an image wins) and run every iou type."""
@@ -228,7 +201,7 @@ class COCOEvaluator:
         return metrics
 
     def write_results(self, path: str | Path) -> Path:
-        """Write this process's records as a COCO results JSON, atomically (temporary file, then ``os.replace``).
+        """Write this process's records as a COCO results JSON, atomically (:func:`visionkit.utils.write_json_atomic`).
 
         Args:
             path: Destination file; parent directories are created.
@@ -236,14 +209,4 @@ class COCOEvaluator:
         Returns:
             The written path.
         """
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8") as stream:
-                json.dump(self.records, stream)
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
-        return path
+        return write_json_atomic(self.records, path)

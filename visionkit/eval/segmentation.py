@@ -3,6 +3,9 @@
 The mmseg / CSAIL ADE20K protocol: intersection and union are summed over the whole evaluation set before dividing
 (not averaged per image, which is a different quantity — torchmetrics' ``MeanIoU``), then the per-class IoU are
 averaged over the classes that occur. Pixels whose target equals ``ignore_index`` (255) are skipped.
+
+:class:`SegmentationEvaluator` is a torchmetrics ``Metric`` whose one state, the confusion matrix, is summed over the
+processes by torchmetrics when ``compute`` runs under ``torch.distributed``.
 """
 
 from __future__ import annotations
@@ -11,7 +14,9 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
+from torchmetrics import Metric
+
+from visionkit.utils.constants import IGNORE_INDEX
 
 __all__ = ["SegmentationEvaluator"]
 
@@ -22,7 +27,7 @@ def _nanmean(values: torch.Tensor) -> float:
     return float(finite.mean()) if finite.numel() else math.nan
 
 
-class SegmentationEvaluator:
+class SegmentationEvaluator(Metric):
     """Accumulates a ``(C, C)`` int64 confusion matrix (rows: target class, columns: predicted class).
 
     Args:
@@ -33,9 +38,20 @@ class SegmentationEvaluator:
     Conventions of ``compute``: fractions in ``[0, 1]``. A class whose union is empty (absent from target and
     prediction over the whole set) has ``IoU`` ``nan`` and is left out of ``mIoU``; a class absent from the target
     has ``Acc`` ``nan`` (0/0) and is left out of ``mAcc``. With no valid pixel at all every value is ``nan``.
+
+    The matrix lives on the device of the latest ``update`` (the evaluator moves itself there), so that a NCCL
+    process group can sum it.
     """
 
-    def __init__(self, num_classes: int, ignore_index: int = 255, class_names: Sequence[str] | None = None) -> None:
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = True
+    confusion_matrix: torch.Tensor
+
+    def __init__(
+        self, num_classes: int, ignore_index: int = IGNORE_INDEX, class_names: Sequence[str] | None = None
+    ) -> None:
+        super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         if 0 <= ignore_index < num_classes:
@@ -45,11 +61,9 @@ class SegmentationEvaluator:
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.class_names = [str(name) for name in class_names] if class_names is not None else None
-        self.confusion_matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64)
-
-    def reset(self) -> None:
-        """Zero the confusion matrix (it stays on its device)."""
-        self.confusion_matrix = torch.zeros_like(self.confusion_matrix)
+        self.add_state(
+            "confusion_matrix", default=torch.zeros(num_classes, num_classes, dtype=torch.int64), dist_reduce_fx="sum"
+        )
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         """Add a batch to the confusion matrix.
@@ -87,26 +101,17 @@ class SegmentationEvaluator:
             raise ValueError(f"pred holds labels {bad} outside 0..{num_classes - 1}")
         counts = torch.bincount(target_valid * num_classes + pred_valid, minlength=num_classes * num_classes)
         if self.confusion_matrix.device != counts.device:
-            self.confusion_matrix = self.confusion_matrix.to(counts.device)
+            self.to(counts.device)
         self.confusion_matrix += counts.reshape(num_classes, num_classes)
 
-    def _global_matrix(self) -> torch.Tensor:
-        """The confusion matrix summed over all ranks when ``torch.distributed`` is initialised."""
-        matrix = self.confusion_matrix.clone()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            if dist.get_backend() == "nccl" and matrix.device.type != "cuda":
-                matrix = matrix.cuda()
-            dist.all_reduce(matrix, op=dist.ReduceOp.SUM)
-        return matrix.cpu()
-
     def compute(self) -> dict[str, float]:
-        """Metrics of everything seen so far (on all ranks).
+        """Metrics of everything seen so far (on all ranks; ``reset`` zeroes the matrix).
 
         Returns:
             ``mIoU``, ``aAcc`` (pixel accuracy), ``mAcc`` (mean class accuracy), then ``IoU/<name>`` and
             ``Acc/<name>`` per class. Python floats, ``nan`` as documented in the class docstring.
         """
-        matrix = self._global_matrix().double()
+        matrix = self.confusion_matrix.detach().cpu().double()
         true_positive = matrix.diagonal()
         target_count = matrix.sum(dim=1)
         pred_count = matrix.sum(dim=0)

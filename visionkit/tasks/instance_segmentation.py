@@ -18,20 +18,16 @@ predictions on the first ``num_vis_images`` validation images is written after e
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from visionkit.eval import COCOEvaluator, encode_masks, format_coco_table
+from visionkit.eval import COCOEvaluator, coco_result_records, format_coco_table
 from visionkit.models.heads.maskrcnn import (
     DEFAULT_ANCHOR_SIZES,
     build_maskrcnn,
@@ -43,14 +39,13 @@ from visionkit.models.heads.maskrcnn import (
 from visionkit.models.heads.pyramid import build_multiscale_backbone
 from visionkit.tasks.backbone import load_checkpoint_into
 from visionkit.tasks.base import BaseTask
+from visionkit.utils import IMAGENET_MEAN, IMAGENET_STD, gather_to_rank0, write_json_atomic
 from visionkit.viz import image_grid, overlay_instances, save_png
 from visionkit.weights import DEFAULT_STRIP_PREFIXES
 
 __all__ = ["InstanceSegmentationTask"]
 
 Batch = tuple[list[Tensor], list[dict[str, Any]]]
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 #: Split whose ground truth each evaluation stage reads from the datamodule.
 STAGE_SPLITS: dict[str, str] = {"val": "val", "test": "test"}
 
@@ -352,21 +347,14 @@ class InstanceSegmentationTask(BaseTask):
         category_ids = self._category_ids()
         records: list[dict[str, Any]] = []
         for target, prediction in zip(targets, self(images, orig_sizes), strict=True):
-            boxes = prediction["boxes"].detach().cpu().double()
-            xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
-            rles = encode_masks(prediction["masks"].cpu())
-            for label, bbox, score, rle in zip(
-                prediction["labels"].tolist(), xywh, prediction["scores"].tolist(), rles, strict=True
-            ):
-                records.append(
-                    {
-                        "image_id": int(target["image_id"]),
-                        "category_id": category_ids(label),
-                        "bbox": bbox,
-                        "score": score,
-                        "segmentation": rle,
-                    }
-                )
+            labels = prediction["labels"].tolist()
+            records += coco_result_records(
+                int(target["image_id"]),
+                prediction["scores"],
+                [category_ids(label) for label in labels],
+                boxes=prediction["boxes"],
+                masks=prediction["masks"],
+            )
         self._predict_records.extend(records)
         return records
 
@@ -382,12 +370,9 @@ class InstanceSegmentationTask(BaseTask):
 
     def on_predict_epoch_end(self) -> None:
         """Write every process's records (gathered to rank 0) to ``predictions_path`` as a COCO results JSON."""
-        records = self._predict_records
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            gathered: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, records)
+        gathered = gather_to_rank0(self._predict_records)
+        if gathered is not None:
             records = [record for part in gathered for record in part]
-        if self.trainer.is_global_zero:
             path = self.predictions_file()
             write_json_atomic(records, path)
             rank_zero_info(f"{len(records)} COCO result records written to {path}")
@@ -397,18 +382,3 @@ class InstanceSegmentationTask(BaseTask):
         if self.hparams.predictions_path:
             return Path(self.hparams.predictions_path)
         return Path(self.trainer.default_root_dir) / "predictions.json"
-
-
-def write_json_atomic(content: Any, path: str | os.PathLike[str]) -> Path:
-    """Write ``content`` as JSON through a temporary file and ``os.replace``; parent folders are created."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            json.dump(content, stream)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path

@@ -13,11 +13,11 @@ from visionkit.eval import SegmentationEvaluator
 from visionkit.models.heads.pyramid import MultiScaleBackbone, build_multiscale_backbone
 from visionkit.models.heads.upernet import UperNet
 from visionkit.tasks.base import BaseTask
+from visionkit.utils.constants import IGNORE_INDEX
 
 __all__ = ["SemanticSegmentationTask", "sliding_window_logits"]
 
 Batch = tuple[Tensor, dict[str, Any]]
-IGNORE_INDEX = 255
 
 
 def _window_starts(length: int, crop: int, stride: int) -> list[int]:

@@ -5,9 +5,7 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-from visionkit.eval.rle import decode_rle
 from visionkit.methods.zip.postprocess import (
-    instances_to_coco_records,
     mask_iou,
     mask_nms,
     score_instances,
@@ -54,15 +52,3 @@ def test_mask_nms_greedy_and_per_class():
     assert mask_nms(masks, scores, iou_thresh=0.5, labels=labels).tolist() == [1, 2, 3]
     assert mask_nms(masks[:0], scores[:0]).numel() == 0
 
-
-def test_coco_records_round_trip():
-    masks = torch.zeros(2, 12, 16, dtype=torch.bool)
-    masks[0, 2:6, 3:9] = True
-    masks[1, 7:12, 0:4] = True
-    records = instances_to_coco_records(42, masks, torch.tensor([0.7, 0.3]), [18, 1])
-    assert [r["category_id"] for r in records] == [18, 1] and records[0]["image_id"] == 42
-    assert records[0]["bbox"] == [3.0, 2.0, 6.0, 4.0] and records[1]["bbox"] == [0.0, 7.0, 4.0, 5.0]
-    assert isinstance(records[0]["segmentation"]["counts"], str)
-    assert np.array_equal(decode_rle(records[1]["segmentation"]), masks[1].numpy())
-    with pytest.raises(ValueError, match="2 masks, 1 scores"):
-        instances_to_coco_records(1, masks, torch.tensor([0.5]), [1, 2])

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tests.models.foundation.test_clip import TINY_RN, TINY_VIT, _random_model
-from visionkit.methods.zip.postprocess import instances_to_coco_records
+from visionkit.eval import coco_result_records
 from visionkit.methods.zip.segmenter import SamClipBaseline, ZipConfig, ZipSegmenter
 from visionkit.models.foundation import ClipResNetTrunk, SamAutomaticMasks, SamBoxPrompter, build_clip, build_sam
 
@@ -70,7 +70,7 @@ def test_forward_scores_are_the_geometric_mean_of_clip_and_sam(parts, monkeypatc
     assert torch.equal(out["masks"], masks) and out["masks"].shape == (2, 72, 96)
     torch.testing.assert_close(out["scores"], torch.sqrt(torch.tensor([0.64, 0.25]) * ious.clamp(0, 1)))
     assert out["labels"].tolist() == [0, 2]
-    records = instances_to_coco_records(7, out["masks"], out["scores"], [1, 3])
+    records = coco_result_records(7, out["scores"], [1, 3], masks=out["masks"])
     assert [r["category_id"] for r in records] == [1, 3]
 
 

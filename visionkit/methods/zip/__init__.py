@@ -8,7 +8,6 @@ cluster fragments are grouped into instances and SAM turns their boxes into mask
 from visionkit.methods.zip.discovery import discover_instances, grid_boxes_to_image, select_fragments
 from visionkit.methods.zip.inference import InferenceSummary, coco_items, folder_items, run_inference
 from visionkit.methods.zip.postprocess import (
-    instances_to_coco_records,
     mask_iou,
     mask_nms,
     score_instances,
@@ -30,7 +29,6 @@ __all__ = [
     "discover_instances",
     "folder_items",
     "grid_boxes_to_image",
-    "instances_to_coco_records",
     "kmeans",
     "mask_iou",
     "mask_nms",

@@ -20,8 +20,8 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from visionkit.data.image_io import IMAGE_EXTENSIONS, read_image
-from visionkit.methods.zip.postprocess import instances_to_coco_records
-from visionkit.tasks.instance_segmentation import write_json_atomic
+from visionkit.eval.coco_results import coco_result_records
+from visionkit.utils import write_json_atomic
 
 __all__ = ["InferenceSummary", "coco_items", "folder_items", "run_inference"]
 
@@ -119,7 +119,7 @@ def run_inference(
                     log.write(json.dumps(done[image_id]) + "\n")
             for (image_id, _), out in zip(ok, results or [], strict=False):
                 categories = [category_ids[int(label)] for label in out["labels"].tolist()]
-                records = instances_to_coco_records(image_id, out["masks"], out["scores"], categories)
+                records = coco_result_records(image_id, out["scores"], categories, masks=out["masks"])
                 done[image_id] = {"image_id": image_id, "records": records}
                 log.write(json.dumps(done[image_id]) + "\n")
                 summary.done += 1

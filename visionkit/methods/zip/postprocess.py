@@ -1,4 +1,4 @@
-"""Zip's steps after SAM: which classes are present, instance scores, mask NMS and COCO result records.
+"""Zip's steps after SAM: which classes are present, instance scores and mask NMS.
 
 The paper's classification-first rule, its score terms and any NMS are unpublished (``shared/reference/zip.md`` §2,
 §6, §8); the choices here are visionkit's, documented in ``docs/methods/zip.md`` and configurable:
@@ -12,15 +12,10 @@ The paper's classification-first rule, its score terms and any NMS are unpublish
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
 import torch
 from torch import Tensor
 
-from visionkit.eval.rle import encode_masks, rle_to_bbox
-
-__all__ = ["instances_to_coco_records", "mask_iou", "mask_nms", "score_instances", "select_present_classes"]
+__all__ = ["mask_iou", "mask_nms", "score_instances", "select_present_classes"]
 
 
 def select_present_classes(probs: Tensor, min_prob: float = 0.05, top_k: int = 5) -> Tensor:
@@ -92,34 +87,3 @@ def mask_nms(masks: Tensor, scores: Tensor, iou_thresh: float = 0.5, labels: Ten
         keep.append(i)
         suppressed |= iou[i] > iou_thresh
     return torch.tensor(keep, dtype=torch.int64, device=masks.device)
-
-
-def instances_to_coco_records(
-    image_id: int, masks: Tensor, scores: Tensor, category_ids: Sequence[int] | Tensor
-) -> list[dict[str, Any]]:
-    """COCO result records (``image_id``, ``category_id``, ``bbox`` xywh, ``score``, ``segmentation`` RLE).
-
-    Args:
-        image_id: The image's COCO id.
-        masks: (K, H, W) bool at the original image size.
-        scores: (K,).
-        category_ids: (K,) COCO category ids (>= 1).
-
-    Returns:
-        K records; the RLE ``counts`` are ``str`` (JSON-ready) and ``bbox`` is the mask's tight box.
-    """
-    category_ids = [int(c) for c in (category_ids.tolist() if isinstance(category_ids, Tensor) else category_ids)]
-    if not (masks.shape[0] == scores.shape[0] == len(category_ids)):
-        raise ValueError(f"got {masks.shape[0]} masks, {scores.shape[0]} scores and {len(category_ids)} categories")
-    records = []
-    for rle, score, category_id in zip(encode_masks(masks.cpu()), scores.tolist(), category_ids, strict=True):
-        records.append(
-            {
-                "image_id": int(image_id),
-                "category_id": category_id,
-                "bbox": rle_to_bbox(rle),
-                "score": float(score),
-                "segmentation": rle,
-            }
-        )
-    return records

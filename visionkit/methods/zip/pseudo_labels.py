@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from visionkit.eval.rle import rle_area, rle_to_bbox, to_compressed_rle
-from visionkit.tasks.instance_segmentation import write_json_atomic
+from visionkit.utils import write_json_atomic
 
 __all__ = ["AGNOSTIC_CATEGORY", "results_to_training_set"]
 

@@ -19,7 +19,6 @@ import numpy as np
 import open_clip
 import torch
 import torchvision.transforms.functional as TF
-from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.modified_resnet import ModifiedResNet
 from open_clip.pretrained import get_pretrained_cfg
 from PIL import Image
@@ -31,6 +30,7 @@ from visionkit.models.foundation.checkpoints import (
     read_torchscript_state_dict,
     require_checkpoint,
 )
+from visionkit.utils.constants import CLIP_MEAN, CLIP_STD
 from visionkit.weights import load_state_dict, load_state_dict_into
 
 __all__ = [
@@ -44,9 +44,10 @@ __all__ = [
     "preprocess_semantic",
 ]
 
-#: OpenAI CLIP normalisation (open_clip ``constants.py``; Zip's ``H2_ToTensor`` / ``L_ToTensor`` use the same values).
-OPENAI_MEAN: tuple[float, float, float] = OPENAI_DATASET_MEAN
-OPENAI_STD: tuple[float, float, float] = OPENAI_DATASET_STD
+#: OpenAI CLIP normalisation (``visionkit.utils.CLIP_MEAN`` / ``CLIP_STD``, equal to open_clip's
+#: ``OPENAI_DATASET_MEAN`` / ``STD``; Zip's ``H2_ToTensor`` / ``L_ToTensor`` use the same values).
+OPENAI_MEAN: tuple[float, float, float] = CLIP_MEAN
+OPENAI_STD: tuple[float, float, float] = CLIP_STD
 #: Zip's semantic-branch input: a 512×512 bicubic squash (``zip_utils.py`` ``H2_ToTensor``).
 SEMANTIC_SIZE = 512
 #: Zip's boundary-branch input: short side 2048, bicubic, aspect kept (``zip_utils.py`` ``L_ToTensor``).

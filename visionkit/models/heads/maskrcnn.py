@@ -27,6 +27,7 @@ from torchvision.ops import FeaturePyramidNetwork, box_iou
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from visionkit.models.heads.pyramid import MultiScaleBackbone
+from visionkit.utils.constants import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "DEFAULT_ANCHOR_SIZES",
@@ -41,8 +42,6 @@ __all__ = [
 
 #: Anchor side (px, at the model's input scale) per FPN level (strides 4, 8, 16, 32, 64): torchvision's defaults.
 DEFAULT_ANCHOR_SIZES: tuple[int, ...] = (32, 64, 128, 256, 512)
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class FeaturePyramidBackbone(nn.Module):
@@ -89,8 +88,8 @@ def build_maskrcnn(
     aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
     min_size: int = 800,
     max_size: int = 1333,
-    image_mean: Sequence[float] = _IMAGENET_MEAN,
-    image_std: Sequence[float] = _IMAGENET_STD,
+    image_mean: Sequence[float] = IMAGENET_MEAN,
+    image_std: Sequence[float] = IMAGENET_STD,
     representation_size: int = 1024,
     mask_head_channels: Sequence[int] = (256, 256, 256, 256),
     box_head_convs: int = 0,
