@@ -46,7 +46,9 @@ import torch
 
 from visionkit.ops import selective_scan
 
-SHAPES = {  # name: (batch, dim, L, N, groups) (shared/reference/mamba.md §6 and the Mamba-LM block defaults, §2)
+# name: (batch, dim, L, N, groups): docs/models/vmamba.md, "Per-stage shapes", and the Mamba-LM block defaults
+# (docs/ops/selective_scan.md, "Definition")
+SHAPES = {
     "stage1": (2, 768, 3136, 1, 4),  # VMamba-S stage 1: 4 directions x d_inner 192, 56x56 tokens
     "stage3": (2, 3072, 196, 1, 4),  # VMamba-S stage 3: 4 x 768, 14x14 tokens
     "lm": (2, 1536, 1024, 16, 1),  # Mamba-LM-like: d_inner 1536, d_state 16, one B / C for all channels

@@ -22,8 +22,9 @@ import torch
 
 from visionkit.ops import selective_scan
 
-# (batch, dim, L, N, G, z): VMamba-S stage 1 / 3 scans (mamba.md §6: 4 directions x d_inner, d_state 1, 4 groups) and a
-# Mamba-LM-like layer (d_inner 1536, d_state 16, z gate), plus both at L = 4096.
+# (batch, dim, L, N, G, z): VMamba-S stage 1 / 3 scans (4 directions x d_inner, d_state 1, 4 groups;
+# docs/models/vmamba.md, "Per-stage shapes") and a Mamba-LM-like layer (d_inner 1536, d_state 16, z gate), plus both
+# at L = 4096.
 SHAPES: dict[str, tuple[int, int, int, int, int, bool]] = {
     "stage1": (2, 768, 3136, 1, 4, False),
     "stage3": (2, 3072, 196, 1, 4, False),

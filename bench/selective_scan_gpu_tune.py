@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from selective_scan_gpu import SHAPES, make_inputs, run, time_ms
 
-from visionkit.ops import selective_scan_triton as tri
-from visionkit.ops._scan_inputs import ScanInputs, canonical_bc
+from visionkit.ops.selective_scan import triton_scan as tri
+from visionkit.ops.selective_scan.inputs import ScanInputs, kernel_layout
 
 BLOCK_LS = (32, 64, 128, 256)
 BLOCK_DS = (1, 2, 4, 8, 16)
@@ -39,10 +39,7 @@ WARPS = (1, 2, 4, 8)
 
 
 def scan_inputs(inputs: dict) -> ScanInputs:
-    return ScanInputs(
-        inputs["u"], inputs["delta"], inputs["A"], canonical_bc(inputs["B"]), canonical_bc(inputs["C"]),
-        inputs["D"], inputs["z"], inputs["delta_bias"], True,
-    )  # fmt: skip
+    return kernel_layout(ScanInputs(**inputs, delta_softplus=True))
 
 
 def candidates(shape: str) -> list[tuple[str, int, int, int]]:

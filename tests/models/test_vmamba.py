@@ -98,7 +98,7 @@ def test_vmamba_small_stage3_last_block_keys():
     with torch.device("meta"):
         model = create_model("vmamba_small")
     state = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    # dim 384, d_inner 768, dt_rank ceil(384 / 16) = 24, d_state 1 (mamba.md §6 per-stage table).
+    # dim 384, d_inner 768, dt_rank ceil(384 / 16) = 24, d_state 1 (docs/models/vmamba.md, "Per-stage shapes").
     assert {k: v for k, v in state.items() if k.startswith("layers.2.blocks.14.op.")} == {
         "layers.2.blocks.14.op.x_proj_weight": (4, 26, 768),
         "layers.2.blocks.14.op.dt_projs_weight": (4, 768, 24),

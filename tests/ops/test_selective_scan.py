@@ -1,6 +1,6 @@
 """Tests for visionkit.ops.selective_scan.
 
-Tolerances follow mamba's tests/ops/test_selective_scan.py (see /work/shared/reference/mamba.md §4).
+Tolerances follow mamba's tests/ops/test_selective_scan.py (docs/ops/selective_scan.md, "Tolerances").
 """
 
 import math
@@ -10,8 +10,9 @@ import torch
 
 from tests.ops.scan_cases import TOL, clone_inputs, grad_tols, make_inputs
 from visionkit.ops import selective_scan, selective_scan_chunked, selective_scan_reference
-from visionkit.ops._scan_inputs import _KernelScanFunction, run_scan_kernel
-from visionkit.ops.selective_scan_torch import ChunkedScanKernel
+from visionkit.ops.selective_scan.inputs import ScanInputs
+from visionkit.ops.selective_scan.kernel import _KernelScanFunction, run_scan_kernel
+from visionkit.ops.selective_scan.torch_chunked import ChunkedScanKernel
 
 
 def run_both(inputs, softplus, last_state, chunk_size):
@@ -199,7 +200,7 @@ def test_torch_slices_of_chunks_float64(bc, groups, length, chunk_size):
     ref_in, tor_in = clone_inputs(inputs), clone_inputs(inputs)
     ref, ref_h = selective_scan_reference(**ref_in, delta_softplus=True, return_last_state=True)
     kernel = ChunkedScanKernel(chunk_size, max_slice_elements=1)
-    out, h = run_scan_kernel(kernel, **tor_in, delta_softplus=True, return_last_state=True)
+    out, h = run_scan_kernel(kernel, ScanInputs(**tor_in, delta_softplus=True), return_last_state=True)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(h, ref_h, rtol=1e-12, atol=1e-12)
     g = torch.randn_like(ref)

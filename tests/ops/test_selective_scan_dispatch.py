@@ -8,7 +8,8 @@ import torch
 
 from tests.ops.scan_cases import make_inputs
 from visionkit.ops import SELECTIVE_SCAN_BACKENDS, available_selective_scan_backends, selective_scan
-from visionkit.ops.selective_scan import _backend_function, _probe, resolve_selective_scan_backend
+from visionkit.ops.selective_scan.api import _probe, resolve_selective_scan_backend
+from visionkit.ops.selective_scan.mamba_ssm_scan import load_selective_scan_fn
 
 
 @pytest.fixture
@@ -72,7 +73,7 @@ def test_mamba_ssm_is_used_only_when_its_extension_imports(monkeypatch, fresh_pr
     assert "mamba_ssm" in available_selective_scan_backends("cuda")
     assert resolve_selective_scan_backend("mamba_ssm", "cuda") == "mamba_ssm"
     assert resolve_selective_scan_backend("auto", "cuda") != "mamba_ssm"
-    fn = _backend_function("mamba_ssm")
+    fn = load_selective_scan_fn()
     assert fn(1, 2, 3, 4, 5, D=None, delta_softplus=True) == "mamba_ssm result"
     assert calls == [{"D": None, "delta_softplus": True}]
 

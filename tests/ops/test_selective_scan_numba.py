@@ -1,8 +1,8 @@
-"""Tests for the numba CPU backend of the selective scan (visionkit.ops.selective_scan_numba).
+"""Tests for the numba CPU backend of the selective scan (visionkit.ops.selective_scan.numba_scan).
 
 Every result is checked against the sequential reference with mamba's tolerances (tests/ops/test_selective_scan.py
-in state-spaces/mamba; shared/reference/mamba.md §4). The first test that runs compiles the kernels (~15 s per dtype
-without numba's on-disk cache).
+in state-spaces/mamba; docs/ops/selective_scan.md, "Tolerances"). The first test that runs compiles the kernels (~15 s
+per dtype without numba's on-disk cache).
 """
 
 import importlib.util
@@ -15,11 +15,16 @@ import torch
 
 from tests.ops.scan_cases import TOL, clone_inputs, grad_tols, make_inputs
 from visionkit.ops import selective_scan, selective_scan_reference
+from visionkit.ops.selective_scan.inputs import ScanInputs
 
 pytest.importorskip("numba")
-snb = importlib.import_module("visionkit.ops.selective_scan_numba")
-numba_math = importlib.import_module("visionkit.ops._numba_math")
-selective_scan_numba = snb.selective_scan_numba
+snb = importlib.import_module("visionkit.ops.selective_scan.numba_scan")
+numba_math = importlib.import_module("visionkit.ops.selective_scan.numba_support")
+
+
+def selective_scan_numba(*args, **kwargs):
+    """The numba backend through the public entry point (inputs validated once, as in every call)."""
+    return selective_scan(*args, **kwargs, backend="numba")
 
 
 def check_against_reference(inputs, softplus=True, time_invariant=False, has_z=True, dtype=torch.float32):
@@ -241,7 +246,7 @@ def test_module_imports_without_numba(monkeypatch):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     with pytest.raises(RuntimeError, match="needs numba, which does not import"):
-        module.selective_scan_numba(**make_inputs(length=5, n=2, requires_grad=False))
+        module.run_numba(ScanInputs(**make_inputs(length=5, n=2, requires_grad=False)), False)
 
 
 @pytest.mark.parametrize("bc", ["var", "ti"])

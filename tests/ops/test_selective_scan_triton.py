@@ -14,7 +14,7 @@ from tests.ops.scan_cases import TOL, clone_inputs, grad_tols, make_inputs
 from visionkit.ops import selective_scan, selective_scan_reference
 
 pytest.importorskip("triton")
-triton_scan = pytest.importorskip("visionkit.ops.selective_scan_triton")
+triton_scan = pytest.importorskip("visionkit.ops.selective_scan.triton_scan")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover - conftest sets it

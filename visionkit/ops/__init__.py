@@ -7,9 +7,9 @@ from visionkit.ops.selective_scan import (
     SELECTIVE_SCAN_BACKENDS,
     available_selective_scan_backends,
     selective_scan,
+    selective_scan_chunked,
     selective_scan_reference,
 )
-from visionkit.ops.selective_scan_torch import selective_scan_chunked
 
 __all__ = [
     "CROSS_SCAN_DIRECTIONS",

@@ -3,7 +3,7 @@
 Everything here is channel-first (``(B, C, H, W)``), as VMamba v2 with ``norm_layer="ln2d"``. SS2D implements the
 forward type ``v05_noz`` of ``MzeroMiko/VMamba`` (``SS2Dv2.forward_corev2`` with ``no_einsum=True``, no z gate), the
 mixer of every released VMamba v2 checkpoint; parameter names and shapes follow the official ones so that those
-checkpoints load unchanged (``shared/reference/mamba.md`` §6).
+checkpoints load unchanged (``docs/models/vmamba.md``, "Layer by layer" and "Checkpoint layout").
 """
 
 from __future__ import annotations

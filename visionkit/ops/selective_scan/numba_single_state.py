@@ -1,6 +1,6 @@
 """The single-state (N = 1, VMamba) kernels of the ``"numba"`` selective-scan backend.
 
-Private to :mod:`visionkit.ops.selective_scan_numba`, whose docstring describes the algorithm. With a single state
+Private to :mod:`visionkit.ops.selective_scan.numba_scan`, whose docstring describes the algorithm. With a single state
 the recurrences are scalar chains h_t = a_t·h_{t-1} + b_t whose latency (one FMA per step) bounds a naive loop. These
 kernels therefore walk :data:`LANES` channels at once: per chunk, the pointwise work of each channel runs as separate
 loops over time that LLVM vectorises (each writes at most two arrays, so its runtime alias checks stay cheap), and
@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from visionkit.ops._numba_math import jit, prange, sigmoid, step_sizes, vexp
+from visionkit.ops.selective_scan import numba_support as nbs
+from visionkit.ops.selective_scan.numba_support import jit, prange, sigmoid, step_sizes, vexp
 
 #: Channels whose recurrences interleave: an FMA has a latency of 4 cycles and a throughput of 2 per cycle on current
 #: x86 cores (Agner Fog's instruction tables), so 4 chains keep the FMA unit busy without spilling registers.
@@ -34,7 +35,7 @@ def _load_bc(m: np.ndarray, bm: int, g: int, t0: int, n_steps: int, buf: np.ndar
 
 @jit(inline=True)
 def _prepare_lane(
-    ins: tuple[np.ndarray, ...],
+    ins: nbs.ScanArrays,
     b: int,
     d: int,
     span: tuple[int, int],
@@ -48,7 +49,7 @@ def _prepare_lane(
     Writes ``rows`` = (dt, dsp, a, bu), each (chunk,): dt = Δ_t, dsp = dΔ_t / d delta_t (only with ``need_grad``),
     a = exp(Δ_t·A), bu = Δ_t·u_t·B_t (B_t in ``bv``).
     """
-    u, delta, A, _, _, _, _, bias = ins
+    u, delta, A, bias = ins.u, ins.delta, ins.A, ins.delta_bias
     dt, dsp, a, bu = rows
     t0, n_steps = span
     bd, a0 = bias[d], A[d, 0]
@@ -98,19 +99,15 @@ def _adjoint_lanes(a: np.ndarray, g: np.ndarray, carry: np.ndarray, n_steps: int
 
 @jit(parallel=True)
 def forward_kernel_n1(
-    ins: tuple[np.ndarray, ...],
-    softplus_on: bool,
-    has_z: bool,
-    chunk: int,
-    block: int,
-    outs: tuple[np.ndarray, np.ndarray, np.ndarray],
+    ins: nbs.ScanArrays, cfg: nbs.KernelConfig, outs: tuple[np.ndarray, np.ndarray, np.ndarray]
 ) -> None:
     """Forward scan for N = 1, one task per (batch element, ``block`` channels).
 
     ``ins`` as for the general kernel but with the N axis dropped: A (dim, 1), B / C (batch or 1, G, L or 1).
     Writes ``outs`` = (out (batch, dim, L), states (batch, dim, n_chunks), last (batch, dim)).
     """
-    u, _, _, Bm, Cm, D, z, _ = ins
+    u, Bm, Cm, D, z = ins.u, ins.B, ins.C, ins.D, ins.z
+    softplus_on, has_z, chunk, block = cfg.softplus, cfg.has_z, cfg.chunk, cfg.block
     out, states, last = outs
     batch, dim, length = u.shape
     n_chunks = states.shape[2]
@@ -165,7 +162,7 @@ def forward_kernel_n1(
 
 @jit(inline=True)
 def _dy_lane(
-    ins: tuple[np.ndarray, ...],
+    ins: nbs.ScanArrays,
     b: int,
     d: int,
     span: tuple[int, int],
@@ -174,11 +171,13 @@ def _dy_lane(
     dz: np.ndarray,
     rows: tuple[np.ndarray, ...],
 ) -> None:
-    """The gradient dy at y + D·u and g = C·dy for one lane; with a gate also dz (mamba.md §3).
+    """The gradient dy at y + D·u and g = C·dy for one lane; with a gate also dz.
+
+    Formulas: ``docs/ops/selective_scan.md``, "Gradient".
 
     ``rows`` = (hs (chunk + 1,) with hs[i + 1] = h_{t0+i}, cv = C_t, dy, g), the last two written.
     """
-    u, _, _, _, _, D, z, _ = ins
+    u, D, z = ins.u, ins.D, ins.z
     hs, cv, dy, g = rows
     t0, n_steps = span
     one = u.dtype.type(1.0)
@@ -203,13 +202,13 @@ def _dy_lane(
 
 @jit(inline=True)
 def _grads_lane(
-    ins: tuple[np.ndarray, ...],
+    ins: nbs.ScanArrays,
     b: int,
     d: int,
     span: tuple[int, int],
     rows: tuple[np.ndarray, ...],
     slots: tuple[int, int],
-    grads: tuple[np.ndarray, ...],
+    grads: nbs.GradArrays,
 ) -> tuple[float, float, float, float, float]:
     """Gradients of one chunk of one lane from its adjoint; each loop writes one array so that LLVM vectorises it.
 
@@ -217,11 +216,11 @@ def _grads_lane(
     variable B / C's slot, and returns this chunk's sums (dA, ddelta_bias, dD, dB, dC), the last two only for a
     time-invariant B / C (L or 1 = 1).
     """
-    u, _, A, _, _, D, _, _ = ins
+    u, A, D = ins.u, ins.A, ins.D
     dt, dsp, a, hs, bv, dy, lam = rows
     t0, n_steps = span
     slot_b, slot_c = slots
-    du, ddelta, _, _, dB_part, dC_part, _, _ = grads
+    du, ddelta, dB_part, dC_part = grads.du, grads.ddelta, grads.dB, grads.dC
     zero = u.dtype.type(0.0)
     dd, a0 = D[d], A[d, 0]
     u_row, du_row, ddelta_row = u[b, d, t0 : t0 + n_steps], du[b, d, t0 : t0 + n_steps], ddelta[b, d, t0 : t0 + n_steps]
@@ -254,24 +253,19 @@ def _grads_lane(
 
 @jit(parallel=True)
 def backward_kernel_n1(
-    ins: tuple[np.ndarray, ...],
-    softplus_on: bool,
-    has_z: bool,
-    chunk: int,
-    states: np.ndarray,
-    dout: np.ndarray,
-    blocking: tuple[int, int, int],
-    grads: tuple[np.ndarray, ...],
+    ins: nbs.ScanArrays, cfg: nbs.KernelConfig, states: np.ndarray, dout: np.ndarray, grads: nbs.GradArrays
 ) -> None:
     """Backward scan for N = 1; tasks and outputs as the general backward kernel, with the N axis dropped.
 
-    ``ins`` and ``states`` as :func:`forward_kernel_n1` takes / writes them; ``grads`` = (du, ddelta, dz, dA_part
-    (batch, dim), dB_part / dC_part (batch, slots, L or 1), dD_part, dbias_part). Per task, the channels go in groups
-    of :data:`LANES`; per group the chunks are visited last to first.
+    ``ins`` and ``states`` as :func:`forward_kernel_n1` takes / writes them; ``grads`` with dA (batch, dim) and
+    dB / dC (batch, slots, L or 1). Per task, the channels go in groups of :data:`LANES`; per group the chunks are
+    visited last to first.
     """
-    u, _, _, Bm, Cm, _, _, _ = ins
-    block, slot_div_b, slot_div_c = blocking
-    _, _, dz, dA_part, dB_part, dC_part, dD_part, dbias_part = grads
+    u, Bm, Cm = ins.u, ins.B, ins.C
+    softplus_on, has_z, chunk = cfg.softplus, cfg.has_z, cfg.chunk
+    block, slot_div_b, slot_div_c = cfg.block, cfg.slot_div_b, cfg.slot_div_c
+    dz, dA_part, dD_part = grads.dz, grads.dA, grads.dD
+    dB_part, dC_part, dbias_part = grads.dB, grads.dC, grads.ddelta_bias
     batch, dim, length = u.shape
     n_chunks = states.shape[2]
     cpg_b, cpg_c = dim // Bm.shape[1], dim // Cm.shape[1]

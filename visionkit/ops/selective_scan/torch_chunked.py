@@ -3,25 +3,28 @@
 Runs on any device with no compile step (it is also the CUDA fallback). The sequence is cut into chunks of Q steps.
 Within each chunk an inclusive scan of the pairs (a_t, b_t), a_t = exp(Δ_t·A), b_t = Δ_t·B_t·u_t, under
 (a0, b0)∘(a1, b1) = (a1·a0, a1·b0 + b1) is computed by log2(Q) vectorised doubling (Hillis–Steele) steps in
-multiplicative form (``shared/reference/mamba.md`` §8: log-space cumsum overflows for large |Δ·A|); chunks are then
-combined sequentially by carrying the state h across chunk boundaries.
+multiplicative form (log-space cumsum overflows for large |Δ·A|: ``docs/ops/selective_scan.md``, "Numerics"); chunks
+are then combined sequentially by carrying the state h across chunk boundaries.
 
-Like mamba_ssm's CUDA kernel (mamba.md §2), the forward saves only the per-chunk carry states, (batch, dim, n_chunks,
-N), next to the inputs. The backward (mamba.md §3) recomputes h chunk-wise from those carries, runs the adjoint
-λ_t = C_t·dy_t + a_{t+1}·λ_{t+1} as the same doubling scan in reverse (carrying λ across chunks from the end) and
-applies the gradient formulas. Both passes work on slices of whole chunks, so the (batch, dim, N, time) temporaries
-never exceed ``max_slice_elements`` elements each (except that one chunk is always processed whole).
+Like mamba_ssm's CUDA kernel, the forward saves only the per-chunk carry states, (batch, dim, n_chunks, N), next to
+the inputs. The backward (``docs/ops/selective_scan.md``, "Gradient") recomputes h chunk-wise from those carries, runs
+the adjoint λ_t = C_t·dy_t + a_{t+1}·λ_{t+1} as the same doubling scan in reverse (carrying λ across chunks from the
+end) and applies the gradient formulas. Both passes work on slices of whole chunks, so the (batch, dim, N, time)
+temporaries never exceed ``max_slice_elements`` elements each (except that one chunk is always processed whole).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from visionkit.ops._scan_inputs import Grads, ScanInputs, compute_dtype, finish_output, prepare_delta, run_scan_kernel
+from visionkit.ops.selective_scan.inputs import ScanInputs, ScanOutput, compute_dtype, finish_output, prepare_delta
+from visionkit.ops.selective_scan.kernel import Grads, run_scan_kernel
 
-__all__ = ["ChunkedScanKernel", "selective_scan_chunked"]
+__all__ = ["ChunkedScanKernel", "run_chunked", "selective_scan_chunked"]
 
 
 def _doubling_scan(a: Tensor, b: Tensor, reverse: bool) -> tuple[Tensor, Tensor]:
@@ -108,7 +111,7 @@ def _sum_channels(x: Tensor, w: Tensor, like: Tensor) -> Tensor:
 
 
 class ChunkedScanKernel:
-    """The ``"torch"`` backend as a :class:`~visionkit.ops._scan_inputs.ScanKernel` (run by ``run_scan_kernel``).
+    """The ``"torch"`` backend as a :class:`~visionkit.ops.selective_scan.kernel.ScanKernel`.
 
     Args:
         chunk_size: Chunk length Q along L (>= 1); within a chunk the scan is vectorised, chunks are combined
@@ -164,7 +167,7 @@ class ChunkedScanKernel:
 
     def forward(self, inputs: ScanInputs) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
         """Chunked forward; saves the states entering each chunk, (batch, dim, n_chunks, N) in the compute dtype."""
-        u, delta, A, B, C, D, z, delta_bias, delta_softplus = inputs
+        u, A, B, C = inputs.u, inputs.A, inputs.B, inputs.C
         dtype = compute_dtype(u)
         batch, dim, length = u.shape
         n = A.shape[1]
@@ -176,7 +179,7 @@ class ChunkedScanKernel:
         for c0, c1 in slices:
             t0, t1 = c0 * q, min(c1 * q, length)
             size = (c1 - c0) * q
-            dt = _slab(prepare_delta(delta[:, :, t0:t1], delta_bias, delta_softplus, dtype), size)
+            dt = _slab(prepare_delta(inputs.delta[:, :, t0:t1], inputs.delta_bias, inputs.delta_softplus, dtype), size)
             a_cum, h = self._local_scan(
                 dt, Ac, dt * _slab(u[:, :, t0:t1].to(dtype), size), _slab_bc(B, t0, t1, size, dtype), q, False
             )
@@ -185,12 +188,13 @@ class ChunkedScanKernel:
                 state = torch.addcmul(h[:, :, :, c, -1], a_cum[:, :, :, c, -1], state)
             h.addcmul_(a_cum, carries[:, :, c0:c1].transpose(2, 3)[..., None])
             y[:, :, t0:t1] = _sum_n(h.view(batch, dim, n, -1), _slab_bc(C, t0, t1, size, dtype))[:, :, : t1 - t0]
-        out = finish_output(y, u, D, z, u.dtype, dtype)
+        out = finish_output(y, u, inputs.D, inputs.z, u.dtype, dtype)
         return out, state, (carries,)
 
     def backward(self, inputs: ScanInputs, saved: tuple[Tensor, ...], dout: Tensor) -> Grads:
-        """Gradients per mamba.md §3 from the saved carries; see the module docstring."""
-        u, delta, A, B, C, D, z, delta_bias, delta_softplus = inputs
+        """Gradients (``docs/ops/selective_scan.md``, "Gradient") from the saved carries; see the module docstring."""
+        u, delta, A, B, C, D, z = inputs.u, inputs.delta, inputs.A, inputs.B, inputs.C, inputs.D, inputs.z
+        delta_softplus = inputs.delta_softplus
         (carries,) = saved
         dtype = compute_dtype(u)
         batch, dim, length = u.shape
@@ -204,7 +208,7 @@ class ChunkedScanKernel:
         du, ddelta = torch.empty_like(u, dtype=dtype), torch.empty_like(u, dtype=dtype)
         dz = None if z is None else torch.empty_like(u, dtype=dtype)
         dD = None if D is None else torch.zeros_like(Ac[:, 0])
-        ddelta_bias = None if delta_bias is None else torch.zeros_like(Ac[:, 0])
+        ddelta_bias = None if inputs.delta_bias is None else torch.zeros_like(Ac[:, 0])
         lam_next = u.new_zeros((batch, dim, n), dtype=dtype)  # λ at the first step after the slice
         lam_carries = u.new_empty((batch, dim, n, n_chunks), dtype=dtype)
         for c0, c1 in reversed(slices):
@@ -212,7 +216,7 @@ class ChunkedScanKernel:
             size, valid = (c1 - c0) * q, slice(0, t1 - t0)
             # Δ over [t0, t1 + 1): the step after the slice gives the decay a_{t+1} of the adjoint; zero-padded
             # steps have Δ = 0, i.e. the identity (a = 1, b = 0), and meet λ = 0
-            dt_raw = prepare_delta(delta[:, :, t0 : t1 + 1], delta_bias, False, dtype)
+            dt_raw = prepare_delta(delta[:, :, t0 : t1 + 1], inputs.delta_bias, False, dtype)
             dt_ext = _slab(F.softplus(dt_raw) if delta_softplus else dt_raw, size + 1)
             dt, dt_next = dt_ext[:, :, :size], dt_ext[:, :, 1:]
             uc = _slab(u[:, :, t0:t1].to(dtype), size)
@@ -264,35 +268,25 @@ class ChunkedScanKernel:
         return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias
 
 
+def run_chunked(inputs: ScanInputs, return_last_state: bool, chunk_size: int = 64) -> ScanOutput:
+    """:func:`selective_scan_chunked` on inputs the caller has validated (the backend table's runner of ``"torch"``)."""
+    return run_scan_kernel(ChunkedScanKernel(chunk_size), inputs, return_last_state)
+
+
 def selective_scan_chunked(
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None = None,
-    z: Tensor | None = None,
-    delta_bias: Tensor | None = None,
-    delta_softplus: bool = False,
-    return_last_state: bool = False,
-    chunk_size: int = 64,
-) -> Tensor | tuple[Tensor, Tensor]:
+    *args: Any, chunk_size: int = 64, return_last_state: bool = False, **kwargs: Any
+) -> ScanOutput:
     """Chunked parallel selective scan in pure PyTorch with a hand-written backward (the ``"torch"`` backend).
 
-    Same arguments, semantics and outputs as :func:`visionkit.ops.selective_scan_reference`; additionally:
+    ``selective_scan(..., backend="torch")`` with a chosen chunk length: the same inputs, semantics and outputs as
+    :func:`visionkit.ops.selective_scan`.
 
     Args:
-        u: Input sequence, (batch, dim, L).
-        delta: Step size before bias / softplus, (batch, dim, L).
-        A: Diagonal state matrix, (dim, N), real.
-        B: Input matrix, (dim, N), (batch, N, L) or (batch, G, N, L) with dim % G == 0.
-        C: Output matrix, same shape options as ``B``.
-        D: Optional skip weight, (dim,).
-        z: Optional gate, (batch, dim, L).
-        delta_bias: Optional bias added to delta, (dim,).
-        delta_softplus: Apply softplus to delta (after the bias).
-        return_last_state: Also return the final state h_L, (batch, dim, N) (its gradient is ignored).
+        *args: ``u, delta, A, B, C, D, z, delta_bias, delta_softplus`` as :func:`visionkit.ops.selective_scan`
+            takes them (positionally up to ``delta_softplus``, or by name).
         chunk_size: Chunk length Q along L (>= 1). Saved for backward: the inputs plus (batch, dim, L/Q, N) states.
+        return_last_state: Also return the final state h_L, (batch, dim, N) (its gradient is ignored).
+        **kwargs: The inputs given by name.
 
     Returns:
         ``out`` (batch, dim, L) in ``u.dtype``, or ``(out, last_state)``.
@@ -300,5 +294,4 @@ def selective_scan_chunked(
     Raises:
         ValueError: On a bad shape or ``chunk_size < 1``.
     """
-    kernel = ChunkedScanKernel(chunk_size)
-    return run_scan_kernel(kernel, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    return run_chunked(ScanInputs(*args, **kwargs).validated(), return_last_state, chunk_size)

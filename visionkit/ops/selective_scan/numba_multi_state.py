@@ -1,8 +1,8 @@
 """The kernels for N > 1 states of the ``"numba"`` selective-scan backend.
 
-Private to :mod:`visionkit.ops.selective_scan_numba`, whose docstring describes the algorithm. Here the vector axis is
-the state: each step's N states (16 float32 with Mamba's d_state, one AVX-512 register) form a contiguous row of a
-per-task (chunk, N) scratch array. Each phase of a chunk is its own loop over time whose inner loop over the row
+Private to :mod:`visionkit.ops.selective_scan.numba_scan`, whose docstring describes the algorithm. Here the vector
+axis is the state: each step's N states (16 float32 with Mamba's d_state, one AVX-512 register) form a contiguous row
+of a per-task (chunk, N) scratch array. Each phase of a chunk is its own loop over time whose inner loop over the row
 writes one array, so that LLVM vectorises it after a cheap runtime alias check: the exponentials, the states
 h_t = a_t·h_{t-1} + Δ_t·u_t·B_t (forwards), the adjoint λ_t = C_t·dy_t + a_{t+1}·λ_{t+1} (backwards) and the
 gradients. B and C of one group are shared by all its channels, so a backward task adds every channel's dB / dC
@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from visionkit.ops._numba_math import jit, prange, sigmoid, step_sizes, vexp
+from visionkit.ops.selective_scan import numba_support as nbs
+from visionkit.ops.selective_scan.numba_support import jit, prange, sigmoid, step_sizes, vexp
 
 
 @jit(inline=True)
@@ -38,7 +39,7 @@ def _rows(m: np.ndarray, bm: int, g: int, span: tuple[int, int], buf: np.ndarray
 
 @jit(inline=True)
 def _prepare(
-    ins: tuple[np.ndarray, ...],
+    ins: nbs.ScanArrays,
     b: int,
     d: int,
     span: tuple[int, int],
@@ -50,7 +51,7 @@ def _prepare(
     ``flags`` = (softplus, has_z, need_grad). Writes ``rows`` = (dt, dsp, dtu, gate, dgate), each (chunk,): dt = Δ_t,
     dsp = dΔ_t / d delta_t, dtu = Δ_t·u_t, gate = silu(z_t), dgate = silu'(z_t); dsp and dgate only with need_grad.
     """
-    u, delta, _, _, _, _, z, bias = ins
+    u, delta, z, bias = ins.u, ins.delta, ins.z, ins.delta_bias
     softplus_on, has_z, need_grad = flags
     dt, dsp, dtu, gate, dgate = rows
     t0, n_steps = span
@@ -67,7 +68,7 @@ def _prepare(
         if need_grad:
             for i in range(n_steps):
                 sig = sigmoid(z_row[i], one)
-                dgate[i] = sig * (one + z_row[i] * (one - sig))  # silu'(z) (mamba.md §3)
+                dgate[i] = sig * (one + z_row[i] * (one - sig))  # silu'(z) (docs/ops/selective_scan.md, "Gradient")
 
 
 @jit(inline=True)
@@ -88,20 +89,15 @@ def _scan_outputs(a_row: np.ndarray, rows: tuple[np.ndarray, ...], n_steps: int,
 
 @jit(parallel=True)
 def forward_kernel(
-    ins: tuple[np.ndarray, ...],
-    softplus_on: bool,
-    has_z: bool,
-    chunk: int,
-    out: np.ndarray,
-    states: np.ndarray,
-    last: np.ndarray,
+    ins: nbs.ScanArrays, cfg: nbs.KernelConfig, out: np.ndarray, states: np.ndarray, last: np.ndarray
 ) -> None:
     """Forward scan; writes ``out`` (batch, dim, L), ``states`` (batch, dim, n_chunks, N) and ``last`` (batch, dim, N).
 
-    ``ins`` = (u, delta, A, B, C, D, z, delta_bias) in one float dtype; B / C arrive as (batch or 1, groups, L or 1,
-    N) with a size-1 batch or time axis broadcast, so time-invariant B / C are (1, dim, 1, N) (one group per channel).
+    ``ins``: the inputs in one float dtype (:class:`~visionkit.ops.selective_scan.numba_support.ScanArrays`: B / C
+    (batch or 1, G, L or 1, N), a size-1 batch or time axis broadcast).
     """
-    u, _, A, Bm, Cm, D, _, _ = ins
+    u, A, Bm, Cm, D = ins.u, ins.A, ins.B, ins.C, ins.D
+    softplus_on, has_z, chunk = cfg.softplus, cfg.has_z, cfg.chunk
     batch, dim, length = u.shape
     n_state = A.shape[1]
     n_chunks = states.shape[2]
@@ -225,25 +221,20 @@ def _accumulate_rows(m: np.ndarray, x: np.ndarray, off: int, n_steps: int, dst: 
 
 @jit(parallel=True)
 def backward_kernel(
-    ins: tuple[np.ndarray, ...],
-    softplus_on: bool,
-    has_z: bool,
-    chunk: int,
-    states: np.ndarray,
-    dout: np.ndarray,
-    blocking: tuple[int, int, int],
-    grads: tuple[np.ndarray, ...],
+    ins: nbs.ScanArrays, cfg: nbs.KernelConfig, states: np.ndarray, dout: np.ndarray, grads: nbs.GradArrays
 ) -> None:
     """Backward scan, one task per (batch element, block of ``block`` channels).
 
-    ``ins`` as in :func:`forward_kernel`; ``blocking`` = (block, slot_div_b, slot_div_c). Writes ``grads`` = (du,
-    ddelta, dz) (batch, dim, L) and partial sums that the caller reduces: dA_part (batch, dim, N), dB_part / dC_part
-    (batch, slots, L or 1, N), zeroed, with slot d // slot_div (slot_div = block for a variable B / C: one slot per
-    block; 1 for a time-invariant one), dD_part / dbias_part (batch, dim).
+    ``ins`` as in :func:`forward_kernel`. Writes ``grads``: du, ddelta, dz (batch, dim, L) and partial sums that the
+    caller reduces: dA (batch, dim, N), dB / dC (batch, slots, L or 1, N), zeroed, with slot d // slot_div
+    (``cfg``: slot_div = block for a variable B / C, one slot per block; 1 for a time-invariant one), dD and
+    ddelta_bias (batch, dim).
     """
-    u, _, A, Bm, Cm, D, _, _ = ins
-    block, slot_div_b, slot_div_c = blocking
-    du, ddelta, dz, dA_part, dB_part, dC_part, dD_part, dbias_part = grads
+    u, A, Bm, Cm, D = ins.u, ins.A, ins.B, ins.C, ins.D
+    softplus_on, has_z, chunk = cfg.softplus, cfg.has_z, cfg.chunk
+    block, slot_div_b, slot_div_c = cfg.block, cfg.slot_div_b, cfg.slot_div_c
+    du, ddelta, dz, dA_part, dD_part = grads.du, grads.ddelta, grads.dz, grads.dA, grads.dD
+    dB_part, dC_part, dbias_part = grads.dB, grads.dC, grads.ddelta_bias
     batch, dim, length = u.shape
     n_state = A.shape[1]
     n_chunks = states.shape[2]

@@ -1,13 +1,20 @@
-"""Float32 math that numba vectorises, and the compile options of the ``"numba"`` selective-scan kernels.
+"""What the ``"numba"`` selective-scan kernels share: their argument records, compile options and float32 math.
 
-Private to :mod:`visionkit.ops`. exp and log1p are written out for float32 (range reduction plus polynomial) because
-numba's calls into libm are not vectorised; float64 (used by gradcheck) calls ``math.exp`` / ``math.log1p``.
+Private to :mod:`visionkit.ops.selective_scan`. The kernels take their arrays and settings as the named tuples below
+(numba compiles a field access into a plain load) and read every field by name. exp and log1p are written out for
+float32 (range reduction plus polynomial) because numba's calls into libm are not vectorised; float64 (used by
+gradcheck) calls ``math.exp`` / ``math.log1p``.
+
+numba's on-disk cache does not track imports: a kernel compiled from one file keeps the helpers it inlined from
+another, so after editing this file also touch the kernel modules (or delete
+``visionkit/ops/selective_scan/__pycache__``).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 
@@ -20,6 +27,62 @@ try:
 except Exception as exc:  # missing or broken numba: importing this module must still work
     numba = None
     NUMBA_ERROR = f"{type(exc).__name__}: {exc}"
+
+
+class ScanArrays(NamedTuple):
+    """The scan's inputs as numpy arrays in one float dtype (a kernel's ``ins``).
+
+    Each field holds the input of the same name of :class:`~visionkit.ops.selective_scan.inputs.ScanInputs`; an
+    absent D or delta_bias is zeros (dim,), an absent z is empty (0, 0, 0). B / C are (batch or 1, G, L or 1, N), a
+    size-1 batch or time axis broadcast (time-invariant B / C: (1, dim, 1, N), one group per channel); the N = 1
+    kernels get them without the N axis.
+    """
+
+    u: np.ndarray
+    delta: np.ndarray
+    A: np.ndarray
+    B: np.ndarray
+    C: np.ndarray
+    D: np.ndarray
+    z: np.ndarray
+    delta_bias: np.ndarray
+
+
+class KernelConfig(NamedTuple):
+    """Run-time settings of a kernel call, and how it splits the channels into tasks."""
+
+    softplus: bool
+    """Δ = softplus(delta + delta_bias) instead of delta + delta_bias."""
+    has_z: bool
+    """The output is gated by silu(z)."""
+    chunk: int
+    """Steps per chunk: one saved state per chunk."""
+    block: int
+    """Channels per task of the N = 1 kernels and of the backward kernels (inside one group of every variable B / C
+    in the backward)."""
+    slot_div_b: int
+    """Backward: channel d adds its dB into slot d // slot_div_b of the partial buffer (block if B is variable, else
+    1)."""
+    slot_div_c: int
+    """Backward: the same for dC."""
+
+
+class GradArrays(NamedTuple):
+    """The outputs of a backward kernel, (batch, ...) partial sums that the caller reduces.
+
+    du, ddelta, dz (batch, dim, L) (dz empty without z); dA (batch, dim, N); dB / dC (batch, slots, L or 1, N),
+    zeroed; dD, ddelta_bias (batch, dim). The N = 1 kernels get dA, dB and dC without the N axis.
+    """
+
+    du: np.ndarray
+    ddelta: np.ndarray
+    dz: np.ndarray
+    dA: np.ndarray
+    dB: np.ndarray
+    dC: np.ndarray
+    dD: np.ndarray
+    ddelta_bias: np.ndarray
+
 
 # fastmath without nnan / ninf, so that NaN and Inf still propagate like in the reference
 _FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
