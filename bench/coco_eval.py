@@ -3,19 +3,32 @@
 Generates, in memory and outside every timed region, a COCO instances set (random image sizes, ~6 objects per
 image with polygon, compressed-RLE and crowd uncompressed-RLE masks, the 80 COCO category ids with their gaps) and
 ~15 detections per image (jittered ground truth plus random boxes, each with an RLE mask and a score). Then, side by
-side in one process, it times both evaluators end to end from the in-memory dicts (GT index build + result loading +
-evaluate + accumulate + summarize) for ``bbox`` and ``segm`` and prints seconds, the speed-up and the largest absolute
-difference over the 12 COCO stats.
+side in one process, it times both evaluators end to end from the in-memory dicts (GT index build + result loading
+and validation + evaluate + accumulate + summarize) and prints seconds, the speed-up and the largest absolute
+difference over the 12 COCO stats, for these cases:
+
+* ``bbox``: box-only records;
+* ``segm``: mask-only records;
+* ``segm-mask-area``: records with ``bbox`` and ``segmentation`` (as detectron2 / mmdet / visionkit write them),
+  ``segm_area="mask"`` vs pycocotools fed the records without ``bbox`` (what detectron2 does);
+* ``segm-box-area``: the same records, ``segm_area="box"`` vs pycocotools fed them as they are (what mmdet does).
+
+``--rle-records N`` times instead the validation of ``N`` compressed-RLE strings (masks of 480x640 images, drawn
+from 5,000 random star polygons): ``visionkit.utils.coco_format.check_compressed_rles`` (vectorised) against the
+one-value-at-a-time reference decoder (timed on 20,000 strings and scaled) and faster-coco-eval's ``area`` on the same
+RLEs (one C pass, for scale).
 
 Usage::
 
     .venv/bin/python bench/coco_eval.py --images 5000 --seed 0 --repeats 3
+    .venv/bin/python bench/coco_eval.py --rle-records 1000000
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import pickle
 import time
@@ -170,10 +183,47 @@ def run_pycocotools(gt: dict[str, Any], results: list[dict[str, Any]], iou_type:
     return np.asarray(coco_eval.stats, dtype=np.float64)
 
 
-def run_visionkit(gt: dict[str, Any], results: list[dict[str, Any]], iou_type: str) -> np.ndarray:
-    """``visionkit.eval.evaluate_coco`` on the same in-memory dicts."""
-    stats = evaluate_coco(gt, results, iou_type=iou_type)
+def run_visionkit(
+    gt: dict[str, Any], results: list[dict[str, Any]], iou_type: str, segm_area: str = "mask"
+) -> np.ndarray:
+    """``visionkit.eval.evaluate_coco`` on the same in-memory dicts (validation of GT and results included)."""
+    stats = evaluate_coco(gt, results, iou_type=iou_type, segm_area=segm_area)
     return np.asarray([stats[name] for name in COCO_STAT_NAMES], dtype=np.float64)
+
+
+CASES = ("bbox", "segm", "segm-mask-area", "segm-box-area")
+
+
+def bench_rle_check(num_records: int, seed: int) -> None:
+    """Time the vectorised compressed-RLE check against the reference decoder and the engine's ``area``."""
+    from faster_coco_eval.core import mask as engine_mask
+
+    from visionkit.utils.coco_format import check_compressed_rles, decode_rle_string
+
+    rng = np.random.default_rng(seed)
+    height, width = 480, 640
+    distinct = []
+    for _ in range(5000):
+        polygon = _star_polygon(rng, *_random_box(rng, height, width))
+        distinct.append(pycoco_mask.frPyObjects([polygon], height, width)[0]["counts"].decode("ascii"))
+    strings = [distinct[i % len(distinct)] for i in range(num_records)]
+    megabytes = sum(map(len, strings)) / 1e6
+    start = time.perf_counter()
+    problems, _ = check_compressed_rles(strings, np.full(num_records, height * width))
+    vectorised = time.perf_counter() - start
+    assert not problems.any()
+    sample = min(num_records, 20000)
+    start = time.perf_counter()
+    for text in strings[:sample]:
+        decode_rle_string(text)
+    reference = (time.perf_counter() - start) * num_records / sample
+    rles = [{"size": [height, width], "counts": text} for text in strings]
+    start = time.perf_counter()
+    engine_mask.area(rles)
+    engine = time.perf_counter() - start
+    print(f"{num_records} RLE strings of {height}x{width} masks, {megabytes:.1f} MB of counts")
+    print(f"{'reference decoder s':>20}{'vectorised s':>14}{'speed-up':>10}{'engine area() s':>17}")
+    print(f"{reference:>20.2f}{vectorised:>14.2f}{reference / vectorised:>9.1f}x{engine:>17.2f}")
 
 
 def time_runs(
@@ -199,40 +249,58 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=5000, help="number of synthetic images")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data generator")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per evaluator (best and mean reported)")
-    parser.add_argument("--iou-types", nargs="+", default=["bbox", "segm"], choices=["bbox", "segm"])
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES, help="what to compare")
+    parser.add_argument("--rle-records", type=int, default=0, help="time the RLE validation on this many strings")
     args = parser.parse_args()
+    if args.rle_records:
+        bench_rle_check(args.rle_records, args.seed)
+        return
 
     start = time.perf_counter()
     gt, bbox_results, segm_results = generate(args.images, args.seed)
+    box_and_mask = [dict(b, segmentation=m["segmentation"]) for b, m in zip(bbox_results, segm_results, strict=True)]
     print(
         f"generated {len(gt['images'])} images, {len(gt['annotations'])} GT annotations "
         f"({sum(a['iscrowd'] for a in gt['annotations'])} crowd), {len(bbox_results)} detections, "
         f"{len(gt['categories'])} categories in {time.perf_counter() - start:.1f} s (not timed)"
     )
+    # case -> (iou type, records given to pycocotools, records given to visionkit, visionkit's segm_area)
+    cases = {
+        "bbox": ("bbox", bbox_results, bbox_results, "mask"),
+        "segm": ("segm", segm_results, segm_results, "mask"),
+        "segm-mask-area": ("segm", segm_results, box_and_mask, "mask"),  # detectron2 drops the box
+        "segm-box-area": ("segm", box_and_mask, box_and_mask, "box"),  # mmdet: loadRes as is
+    }
     header = (
-        f"{'iou type':<9}{'pycocotools s':>15}{'visionkit s':>13}{'speed-up':>10}"
+        f"{'case':<16}{'pycocotools s':>15}{'visionkit s':>13}{'speed-up':>10}"
         f"{'best pycoco s':>15}{'best vk s':>11}{'best speed-up':>15}{'max |diff|':>12}"
     )
     rows = []
-    for iou_type in args.iou_types:
-        results = bbox_results if iou_type == "bbox" else segm_results
-        frozen = pickle.dumps((gt, results), protocol=pickle.HIGHEST_PROTOCOL)
+    for case in args.cases:
+        iou_type, pycoco_records, vk_records, segm_area = cases[case]
+        pycoco_frozen = pickle.dumps((gt, pycoco_records), protocol=pickle.HIGHEST_PROTOCOL)
+        vk_frozen = pickle.dumps((gt, vk_records), protocol=pickle.HIGHEST_PROTOCOL)
+        vk_runner = functools.partial(run_visionkit, segm_area=segm_area)
         # Interleave the two evaluators so background load on the shared machine hits both alike.
         pycoco_times, vk_times = [], []
         pycoco_stats = vk_stats = np.zeros(12)
         for _ in range(args.repeats):
-            seconds, pycoco_stats = time_runs(run_pycocotools, frozen, iou_type, 1)
+            seconds, pycoco_stats = time_runs(run_pycocotools, pycoco_frozen, iou_type, 1)
             pycoco_times += seconds
-            seconds, vk_stats = time_runs(run_visionkit, frozen, iou_type, 1)
+            seconds, vk_stats = time_runs(vk_runner, vk_frozen, iou_type, 1)
             vk_times += seconds
         max_diff = float(np.max(np.abs(pycoco_stats - vk_stats)))
         mean_py, mean_vk = float(np.mean(pycoco_times)), float(np.mean(vk_times))
         best_py, best_vk = min(pycoco_times), min(vk_times)
         rows.append(
-            f"{iou_type:<9}{mean_py:>15.2f}{mean_vk:>13.2f}{mean_py / mean_vk:>9.2f}x"
+            f"{case:<16}{mean_py:>15.2f}{mean_vk:>13.2f}{mean_py / mean_vk:>9.2f}x"
             f"{best_py:>15.2f}{best_vk:>11.2f}{best_py / best_vk:>14.2f}x{max_diff:>12.1e}"
         )
-        print(f"{iou_type}: AP {vk_stats[0]:.4f} AP50 {vk_stats[1]:.4f} AR100 {vk_stats[8]:.4f}", flush=True)
+        print(
+            f"{case}: AP {vk_stats[0]:.4f} APs {vk_stats[3]:.4f} APm {vk_stats[4]:.4f} APl {vk_stats[5]:.4f} "
+            f"AR100 {vk_stats[8]:.4f}",
+            flush=True,
+        )
     print(f"\n{args.images} images, seed {args.seed}, {args.repeats} timed run(s) per evaluator (mean and best)")
     print(header)
     print("\n".join(rows))

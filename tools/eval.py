@@ -3,18 +3,41 @@
 python tools/eval.py validate --config configs/<...>.yaml --ckpt_path <file | last>
 python tools/eval.py test --config configs/<...>.yaml --ckpt_path <file | last>
 python tools/eval.py coco --gt instances_val2017.json --results results.json [--iou-type bbox segm] [--class-agnostic]
+    [--segm-area {mask,box}]
+
+Exit status of ``coco``: 0 on success; 2 on bad input (a missing file, a file that is not JSON, a malformed record,
+ids not in the ground truth), with a one-line ``error: <message>`` on stderr that names the file and the record.
 """
 
 import sys
+from collections.abc import Sequence
 
-from visionkit.cli import coco_main, main
+from visionkit.cli import coco_main
+from visionkit.cli import main as cli_main
 
 SUBCOMMANDS = ("validate", "test", "predict", "coco")
 
-if __name__ == "__main__":
-    if len(sys.argv) < 2 or sys.argv[1] not in SUBCOMMANDS:
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand.
+
+    Args:
+        argv: The arguments after the script name (default: ``sys.argv[1:]``).
+
+    Returns:
+        0 on success (errors exit through ``SystemExit``: 2 for bad input to ``coco``).
+    """
+    args = sys.argv[1:] if argv is None else list(argv)
+    if not args or args[0] not in SUBCOMMANDS:
         sys.exit(f"usage: python tools/eval.py {{{','.join(SUBCOMMANDS)}}} ...  (see --help of each)\n\n{__doc__}")
-    if sys.argv[1] == "coco":
-        coco_main(sys.argv[2:])
+    if args[0] == "coco":
+        coco_main(args[1:])
+    elif argv is None:
+        cli_main()
     else:
-        main()
+        cli_main(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

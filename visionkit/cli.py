@@ -15,6 +15,12 @@ Defaults added to Lightning's: ``seed_everything=0``; logs (CSV) and the resolve
 written atomically (temporary file + rename), so an interrupted save never leaves a truncated ``last.ckpt``; every
 random generator re-seeded from ``(seed, epoch)`` at each epoch start, so a resumed run continues exactly as the
 uninterrupted one would have (``visionkit.tasks.callbacks``).
+
+``--ckpt_path`` is checked before the subcommand runs. ``last`` resolves to the newest ``last*.ckpt`` of the
+checkpoint folder; when there is none, ``fit`` prints one line saying that training starts from scratch, and the
+evaluation subcommands stop with an error (there are no weights to evaluate). A checkpoint that is damaged (empty,
+truncated, a CRC mismatch, not loadable) stops the run with one message that names the file and the intact
+``*.ckpt`` files next to it that could be used instead (exit status 1), instead of a torch traceback mid-run.
 """
 
 from __future__ import annotations
@@ -27,12 +33,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 
-from visionkit.tasks.callbacks import AtomicCheckpointIO, ReseedEveryEpoch
+from visionkit.tasks.callbacks import AtomicCheckpointIO, ReseedEveryEpoch, checkpoint_problem, intact_checkpoints_near
 from visionkit.utils import write_json_atomic
 
 __all__ = ["VisionkitCLI", "coco_main", "main"]
@@ -44,6 +51,7 @@ class VisionkitCLI(LightningCLI):
     """LightningCLI in subclass mode over ``visionkit.tasks.BaseTask`` and ``visionkit.data.BaseDataModule``."""
 
     def __init__(self, args: ArgsType = None, run: bool = True, **kwargs: Any) -> None:
+        import visionkit.methods.zip  # noqa: F401  (ZipTask and its datamodule by bare class name in YAML)
         from visionkit.data import BaseDataModule
         from visionkit.tasks import BaseTask
 
@@ -89,6 +97,65 @@ class VisionkitCLI(LightningCLI):
             callbacks.append(ReseedEveryEpoch())
         return super()._instantiate_trainer(config, callbacks)
 
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        """Lightning's keyword arguments of the subcommand, with ``ckpt_path`` resolved and checked first."""
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if kwargs.get("ckpt_path") is not None:
+            weights_only = kwargs.get("weights_only") is not False
+            kwargs["ckpt_path"] = self._checked_ckpt_path(subcommand, str(kwargs["ckpt_path"]), weights_only)
+        return kwargs
+
+    def _checked_ckpt_path(self, subcommand: str, ckpt_path: str, weights_only: bool) -> str | None:
+        """The checkpoint file the subcommand should load (``None``: none), or ``SystemExit`` with the reason.
+
+        ``best``, ``hpc`` and remote paths (``s3://...``) are left to Lightning.
+        """
+        if ckpt_path in ("best", "hpc") or "://" in ckpt_path:
+            return ckpt_path
+        if ckpt_path == "last":
+            folders = sorted({str(c.dirpath) for c in self.trainer.checkpoint_callbacks if getattr(c, "dirpath", None)})
+            found = {
+                path
+                for callback in self.trainer.checkpoint_callbacks
+                if isinstance(callback, ModelCheckpoint)
+                for path in callback._find_last_checkpoints(self.trainer)
+                if Path(path).is_file()
+            }
+            where = ", ".join(folders) or "the checkpoint folder (no ModelCheckpoint is configured)"
+            if not found:
+                if subcommand != "fit":
+                    raise SystemExit(
+                        f"visionkit {subcommand}: --ckpt_path last: there is no last.ckpt in {where}, so there are no "
+                        "weights to evaluate. Train first (tools/train.py fit) or give --ckpt_path=<file>."
+                    )
+                if rank_zero_only.rank == 0:
+                    print(
+                        f"visionkit fit: --ckpt_path last: no last.ckpt in {where} yet; training starts from scratch.",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                return None
+            ckpt_path = max(found, key=os.path.getmtime)
+        problem = checkpoint_problem(ckpt_path, weights_only)
+        if problem is None:
+            return ckpt_path
+        action = "resume from" if subcommand == "fit" else "load"
+        message = f"visionkit {subcommand}: cannot {action} the checkpoint {ckpt_path}: {problem}."
+        intact, unchecked = intact_checkpoints_near(ckpt_path, weights_only)
+        if intact:
+            listed = "\n".join(f"  {path}" for path in intact)
+            message += (
+                f"\nIntact checkpoints next to it (newest first) that you could {action} instead:\n{listed}\n"
+                f"e.g. --ckpt_path={intact[0]}"
+            )
+        else:
+            message += f"\nNo intact *.ckpt file next to it in {Path(ckpt_path).parent}."
+            if subcommand == "fit":
+                message += " Start again without --ckpt_path, or give a checkpoint from elsewhere."
+        if unchecked:
+            message += f"\n({unchecked} older *.ckpt file(s) there were not checked.)"
+        raise SystemExit(message)
+
 
 def main(args: ArgsType = None, run: bool = True) -> VisionkitCLI:
     """Run the LightningCLI (``fit``, ``validate``, ``test``, ``predict``).
@@ -99,6 +166,11 @@ def main(args: ArgsType = None, run: bool = True) -> VisionkitCLI:
 
     Returns:
         The CLI object, holding ``model``, ``datamodule`` and ``trainer``.
+
+    Raises:
+        SystemExit: Bad arguments (status 2, from the parser), or a ``--ckpt_path`` that is damaged or, for the
+            evaluation subcommands, ``last`` without a checkpoint (status 1; the message names the file and, for a
+            damaged one, the intact checkpoints next to it).
     """
     return VisionkitCLI(args=args, run=run)
 
@@ -106,32 +178,58 @@ def main(args: ArgsType = None, run: bool = True) -> VisionkitCLI:
 def coco_main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     """Score a COCO results JSON against a ground-truth instances JSON; print the table(s) and write them as JSON.
 
+    A user error (a missing file, a file that is not JSON, a malformed record, ids not in the ground truth) prints
+    ``error: <message>`` (naming the file and the record) on stderr and exits with status 2, without a traceback.
+
     Args:
         argv: Arguments after ``coco`` (default: ``sys.argv[2:]``).
 
     Returns:
         The metrics, keyed by IoU type.
+
+    Raises:
+        SystemExit: Status 2 on a user error (and on bad arguments, from argparse).
     """
     from visionkit.eval import evaluate_coco, format_coco_table
+    from visionkit.eval.coco import COCO_ENGINE, iou_type_label
+    from visionkit.utils.coco_format import COCOFormatError
 
     parser = argparse.ArgumentParser(prog="tools/eval.py coco", description=coco_main.__doc__)
     parser.add_argument("--gt", required=True, type=Path, help="ground-truth COCO instances JSON")
     parser.add_argument("--results", required=True, type=Path, help="COCO results JSON (a list of result records)")
     parser.add_argument("--iou-type", nargs="+", choices=("bbox", "segm"), default=["bbox"], help="what to evaluate")
     parser.add_argument("--class-agnostic", action="store_true", help="merge all categories into one")
+    parser.add_argument(
+        "--segm-area",
+        choices=("mask", "box"),
+        default="mask",
+        help="area of a segm detection for the small/medium/large split: 'mask' (detectron2, default) or 'box' (the "
+        "record's bbox w*h, as pycocotools' loadRes and mmdet; see docs/eval/coco.md)",
+    )
     parser.add_argument("--output", type=Path, default=None, help="metrics JSON (default: next to the results file)")
     ns = parser.parse_args(sys.argv[2:] if argv is None else argv)
 
     metrics: dict[str, dict[str, float]] = {}
     mode = "class-agnostic" if ns.class_agnostic else "class-aware"
-    for iou_type in ns.iou_type:
-        stats = evaluate_coco(ns.gt, ns.results, iou_type=iou_type, class_agnostic=ns.class_agnostic)
-        metrics[iou_type] = stats
-        print(format_coco_table(stats, title=f"{iou_type} ({mode}): {ns.results}"))
     suffix = "_agnostic" if ns.class_agnostic else ""
     output = ns.output or ns.results.with_name(f"{ns.results.stem}_metrics{suffix}.json")
-    # NaN (a class without ground truth) is written as null: JSON has no NaN.
-    clean = {k: {n: (None if math.isnan(v) else v) for n, v in stats.items()} for k, stats in metrics.items()}
-    write_json_atomic({"gt": str(ns.gt), "results": str(ns.results), "mode": mode, **clean}, output, indent=2)
+    try:
+        for iou_type in ns.iou_type:
+            stats = evaluate_coco(
+                ns.gt, ns.results, iou_type=iou_type, class_agnostic=ns.class_agnostic, segm_area=ns.segm_area
+            )
+            metrics[iou_type] = stats
+            print(format_coco_table(stats, title=f"{iou_type_label(iou_type, ns.segm_area)}, {mode}: {ns.results}"))
+        # NaN (a class without ground truth) is written as null: JSON has no NaN.
+        clean = {k: {n: (None if math.isnan(v) else v) for n, v in stats.items()} for k, stats in metrics.items()}
+        header = {"gt": str(ns.gt), "results": str(ns.results), "mode": mode, "engine": COCO_ENGINE}
+        header["segm_area"] = ns.segm_area if "segm" in ns.iou_type else None
+        write_json_atomic({**header, **clean}, output, indent=2)
+    except (FileNotFoundError, COCOFormatError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except OSError as error:  # the metrics file cannot be written
+        print(f"error: cannot write {output}: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(f"metrics written to {output}")
     return metrics

@@ -195,7 +195,7 @@ def test_boxes_are_clipped_to_the_image(tmp_path: Path) -> None:
 def test_without_masks_segmentation_is_optional(tmp_path: Path) -> None:
     content = _base_instances()
     del content["annotations"][0]["segmentation"]
-    with pytest.raises(COCOFormatError, match=r"annotation id 1: no 'segmentation' \(needed with with_masks=True\)"):
+    with pytest.raises(COCOFormatError, match=r"annotations\[0\] \(id 1\): no 'segmentation' \(needed for masks\)"):
         _dataset(tmp_path, content)
     dataset = COCODataset(tmp_path / "images", tmp_path / "instances.json", with_masks=False)
     _, target = dataset[0]
@@ -244,29 +244,30 @@ def _mutate(path: str, value: Any) -> Any:
 
 
 DELETE = object()
-A1, A2, A3 = (rf"annotation id {i} \(image id 7\): " for i in (1, 2, 3))
+A1, A2, A3 = (rf"annotations\[{i - 1}\] \(id {i}, image id 7\): " for i in (1, 2, 3))
+AN1 = r"annotations\[0\] \(id 1\): "
 MALFORMED = [
     (_mutate("annotations", DELETE), r"top level: missing key 'annotations'"),
     (_mutate("images", {"id": 1}), r"top level: 'images' must be a list, got dict"),
     (_mutate("categories", []), r"top level: 'categories' is empty"),
-    (_mutate("images.1.id", 42), r"image id 42: duplicate image id"),
+    (_mutate("images.1.id", 42), r"images\[1\] \(id 42\): duplicate image id \(also images\[0\]\)"),
     (_mutate("images.0.id", "42"), r"images\[0\]: 'id' must be an integer, got '42'"),
-    (_mutate("images.0.height", 20.0), r"image id 42: 'height' must be a positive integer, got 20.0"),
-    (_mutate("images.0.width", 0), r"image id 42: 'width' must be a positive integer, got 0"),
-    (_mutate("images.0.file_name", DELETE), r"image id 42: 'file_name' must be a non-empty string, got None"),
-    (_mutate("categories.1.id", 90), r"category id 90: duplicate category id"),
-    (_mutate("categories.0.name", 3), r"category id 90: 'name' must be a string, got 3"),
-    (_mutate("annotations.1.id", 1), r"annotation id 1: duplicate annotation id"),
+    (_mutate("images.0.height", 20.0), r"images\[0\] \(id 42\): 'height' must be a positive integer, got 20.0"),
+    (_mutate("images.0.width", 0), r"images\[0\] \(id 42\): 'width' must be a positive integer, got 0"),
+    (_mutate("images.0.file_name", DELETE), r"images\[0\] \(id 42\): 'file_name' must be a non-empty string, got None"),
+    (_mutate("categories.1.id", 90), r"categories\[1\] \(id 90\): duplicate category id \(also categories\[0\]\)"),
+    (_mutate("categories.0.name", 3), r"categories\[0\] \(id 90\): 'name' must be a string, got 3"),
+    (_mutate("annotations.1.id", 1), r"annotations\[1\] \(id 1\): duplicate annotation id \(also annotations\[0\]\)"),
     (_mutate("annotations.2.id", None), r"annotations\[2\]: 'id' must be an integer, got None"),
-    (_mutate("annotations.0.image_id", 1234), r"annotation id 1: 'image_id' 1234 is not an image id listed"),
-    (_mutate("annotations.0.category_id", 2), r"annotation id 1: 'category_id' 2 is not a category id listed"),
-    (_mutate("annotations.0.iscrowd", 2), r"annotation id 1: 'iscrowd' must be 0 or 1, got 2"),
-    (_mutate("annotations.0.bbox", [1, 2, 3]), r"annotation id 1: 'bbox' must be \[x, y, width, height\]"),
-    (_mutate("annotations.0.bbox", [1, 2, "3", 4]), r"annotation id 1: 'bbox' must be .* got \[1, 2, '3', 4\]"),
-    (_mutate("annotations.0.bbox", [1, 2, float("nan"), 4]), r"annotation id 1: 'bbox' must be .*finite"),
-    (_mutate("annotations.0.bbox", [1, 2, -3, 4]), r"annotation id 1: 'bbox' has a negative width or height"),
-    (_mutate("annotations.0.area", -1), r"annotation id 1: 'area' must be a finite number >= 0, got -1"),
-    (_mutate("annotations.0.segmentation", []), r"annotation id 1 \(image id 7\): 'segmentation' is an empty"),
+    (_mutate("annotations.0.image_id", 1234), AN1 + r"'image_id' 1234 is not an image id listed"),
+    (_mutate("annotations.0.category_id", 2), AN1 + r"'category_id' 2 is not a category id listed"),
+    (_mutate("annotations.0.iscrowd", 2), AN1 + r"'iscrowd' must be 0 or 1, got 2"),
+    (_mutate("annotations.0.bbox", [1, 2, 3]), AN1 + r"'bbox' must be \[x, y, width, height\]"),
+    (_mutate("annotations.0.bbox", [1, 2, "3", 4]), AN1 + r"'bbox' must be .* got \[1, 2, '3', 4\]"),
+    (_mutate("annotations.0.bbox", [1, 2, float("nan"), 4]), AN1 + r"'bbox' must be .*finite"),
+    (_mutate("annotations.0.bbox", [1, 2, -3, 4]), AN1 + r"'bbox' has a negative width or height"),
+    (_mutate("annotations.0.area", -1), AN1 + r"'area' must be a finite number >= 0, got -1"),
+    (_mutate("annotations.0.segmentation", []), A1 + r"'segmentation' is an empty"),
     (_mutate("annotations.0.segmentation.1", [1, 2, 3, 4]), A1 + r"polygon 1 has 4 coordinates; a polygon needs"),
     (_mutate("annotations.0.segmentation.0", [1, 2, 3, 4, 5, 6, 7]), A1 + r"polygon 0 has 7 coordinates"),
     (_mutate("annotations.0.segmentation.0.3", "x"), A1 + r"polygon 0 holds a non-number"),
@@ -276,19 +277,28 @@ MALFORMED = [
         _mutate("annotations.0.segmentation", "poly"),
         A1 + r"'segmentation' must be a polygon list or an RLE dict, got str",
     ),
-    (_mutate("annotations.1.segmentation.size", [30, 41]), r"annotation id 2 \(image id 7\): RLE 'size' \[30, 41\]"),
+    (_mutate("annotations.1.segmentation.size", [30, 41]), A2 + r"RLE 'size' \[30, 41\]"),
+    (_mutate("annotations.1.segmentation.size", ["a", "b"]), A2 + r"RLE 'size' must be \[height, width\] integers"),
     (
         _mutate("annotations.1.segmentation.counts", "zz!!"),
-        A2 + r"compressed RLE 'counts' is not a valid RLE string: 'zz!!'",
+        A2 + r"compressed RLE 'counts' is not a valid RLE string \(a character outside '0'..'o'\): 'zz!!'",
     ),
     (_mutate("annotations.1.segmentation.counts", "é0"), A2 + r"compressed RLE 'counts' is not a valid RLE string"),
     (
         _mutate("annotations.1.segmentation.counts", "0"),
-        A2 + r"RLE run lengths sum to 0, expected height \* width = 1200",
+        A2 + r"compressed RLE runs sum to 0, expected height \* width = 1200",
+    ),
+    (
+        _mutate("annotations.1.segmentation.counts", "P"),
+        A2 + r"compressed RLE 'counts' is not a valid RLE string \(the last value is cut short",
     ),
     (_mutate("annotations.1.segmentation.counts", 12), A2 + r"RLE 'counts' must be a list .* or a string .*, got int"),
     (_mutate("annotations.1.segmentation.size", DELETE), A2 + r"RLE 'segmentation' needs 'size' and 'counts'"),
-    (_mutate("annotations.2.segmentation.counts", [1201]), A3 + r"RLE run lengths sum to 1201, expected"),
+    (_mutate("annotations.2.segmentation.counts", [1199, 2]), A3 + r"uncompressed RLE runs sum to 1201, expected"),
+    (
+        _mutate("annotations.2.segmentation.counts", [1201]),
+        A3 + r"uncompressed RLE has a run longer than height \* width",
+    ),
     (
         _mutate("annotations.2.segmentation.counts.0", -2),
         A3 + r"uncompressed RLE 'counts' must be non-negative integers",
@@ -307,7 +317,7 @@ def test_malformed_json_raises_a_precise_error(tmp_path: Path, mutation: Any, me
 
 @pytest.mark.parametrize(
     ("text", "message"),
-    [("{not json", r"not valid JSON"), ("[1, 2]", r"top level: must be a JSON object, got list")],
+    [("{not json", r"cannot read COCO annotation as JSON"), ("[1, 2]", r"top level: must be a JSON object, got list")],
 )
 def test_unparsable_files_raise(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(COCOFormatError, match=re.escape(str(tmp_path / "instances.json")) + ": " + message):
@@ -354,12 +364,116 @@ def test_exif_rotated_image_annotated_on_raw_pixels_uses_raw_pixels(tmp_path: Pa
 
 
 def test_compressed_rle_validator_decodes_like_pycocotools() -> None:
-    from visionkit.data.coco import _compressed_rle_counts
+    from visionkit.utils.coco_format import check_compressed_rles, decode_rle_string
 
     rng = np.random.default_rng(0)
+    strings, areas = [], []
     for shape, density in [((1, 1), 0.5), ((7, 5), 0.1), ((31, 17), 0.5), ((64, 48), 0.97), ((40, 300), 0.02)]:
         mask = rng.random(shape) < density
         expected = _uncompressed_rle(mask)["counts"]
-        assert _compressed_rle_counts(_compressed_rle(mask)["counts"]) == expected
-    assert _compressed_rle_counts("") == []
-    assert _compressed_rle_counts("P") is None  # 0x20 "more" bit set on the last character: truncated
+        assert decode_rle_string(_compressed_rle(mask)["counts"]) == expected
+        strings.append(_compressed_rle(mask)["counts"])
+        areas.append(mask.size)
+    problems, sums = check_compressed_rles(strings, areas)
+    assert problems.tolist() == [0] * 5 and sums.tolist() == areas
+    assert decode_rle_string("") == []
+    assert decode_rle_string("P") is None  # 0x20 "more" bit set on the last character: truncated
+
+
+def test_one_validator_and_one_error_type_for_data_and_eval(tmp_path: Path) -> None:
+    import visionkit.data
+    from visionkit.eval import COCOGroundTruth
+    from visionkit.utils.coco_format import COCOFormatError as UtilsError
+
+    assert visionkit.data.COCOFormatError is UtilsError is COCOFormatError
+    content = _base_instances()
+    content["annotations"][0]["bbox"] = [1, 2, float("nan"), 4]
+    _write(tmp_path, content)
+    message = re.escape(f"{tmp_path / 'instances.json'}: annotations[0] (id 1): 'bbox' must be")
+    with pytest.raises(COCOFormatError, match=message):
+        COCODataset(tmp_path / "images", tmp_path / "instances.json")
+    with pytest.raises(COCOFormatError, match=message):
+        COCOGroundTruth(tmp_path / "instances.json")
+
+
+# ------------------------------------------------------------------------- EXIF orientation decided from the tag
+def _exif_coco(tmp_path: Path, images: list[tuple[str, int | None, tuple[int, int], tuple[int, int]]]) -> Path:
+    """JPEGs (name, EXIF orientation or None, stored (H, W)) and a COCO JSON giving each one's (H, W) and a box.
+
+    Every image has a red block at the top left of its stored pixels; the box is drawn on it in the frame the JSON's
+    size belongs to (the stored pixels when the JSON size is the stored size).
+    """
+    folder = tmp_path / "images"
+    folder.mkdir(parents=True, exist_ok=True)
+    records, annotations = [], []
+    for index, (name, orientation, (height, width), (json_height, json_width)) in enumerate(images, start=1):
+        pixels = np.full((height, width, 3), 30, dtype=np.uint8)
+        pixels[: height // 2, : width // 2] = (250, 20, 20)
+        exif = Image.Exif()
+        if orientation is not None:
+            exif[EXIF_ORIENTATION] = orientation
+        Image.fromarray(pixels).save(folder / name, exif=exif.tobytes(), quality=95)
+        records.append({"id": index, "file_name": name, "height": json_height, "width": json_width})
+        box = [0.0, 0.0, json_width / 2, json_height / 2]
+        polygon = [0.0, 0.0, box[2], 0.0, box[2], box[3], 0.0, box[3]]
+        annotations.append(
+            {"id": index, "image_id": index, "category_id": 1, "bbox": box, "area": box[2] * box[3],
+             "iscrowd": 0, "segmentation": [polygon]}
+        )  # fmt: skip
+    ann_file = tmp_path / "instances.json"
+    content = {"images": records, "annotations": annotations, "categories": [{"id": 1, "name": "block"}]}
+    ann_file.write_text(json.dumps(content))
+    return ann_file
+
+
+def test_square_exif_rotated_jpeg_annotated_on_stored_pixels_is_read_as_stored(tmp_path: Path) -> None:
+    # Before, a square image was rotated silently (only a size mismatch triggered the fallback): the box on the red
+    # block then pointed at the wrong corner. The tag decides now: COCO annotations are drawn on the stored pixels.
+    import warnings
+
+    from visionkit.data.image_io import read_image
+
+    ann_file = _exif_coco(
+        tmp_path,
+        [("a.jpg", 6, (32, 32), (32, 32)), ("b.jpg", 6, (32, 32), (32, 32)), ("c.jpg", None, (32, 32), (32, 32))],
+    )
+    dataset = COCODataset(tmp_path / "images", ann_file)
+    with pytest.warns(UserWarning, match=r"a\.jpg: EXIF orientation 6: rotated 90° clockwise keeps the size") as seen:
+        items = [dataset[i] for i in range(3)]
+    assert len([w for w in seen if "exif_orientation" in str(w.message)]) == 1  # one warning per dataset
+    assert str(seen[0].message).startswith(f"COCODataset({ann_file}): ")
+    for (image, target), name in zip(items, ["a.jpg", "b.jpg", "c.jpg"], strict=True):
+        assert torch.equal(image, read_image(tmp_path / "images" / name, apply_exif_orientation=False))
+        red = (image[0] > 150) & (image[1] < 100)
+        assert torch.equal(red, target["masks"][0])  # the annotation covers the red block: aligned
+    upright = COCODataset(tmp_path / "images", ann_file, exif_orientation="upright")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # explicit choices do not warn
+        rotated = upright[0][0]
+        stored = COCODataset(tmp_path / "images", ann_file, exif_orientation="stored")[0][0]
+    assert torch.equal(rotated, read_image(tmp_path / "images" / "a.jpg"))
+    assert torch.equal(stored, items[0][0]) and not torch.equal(rotated, stored)
+
+
+def test_non_square_exif_rotated_jpeg_follows_the_json_size(tmp_path: Path) -> None:
+    from visionkit.data.image_io import read_image
+
+    ann_file = _exif_coco(
+        tmp_path,
+        [
+            ("stored.jpg", 6, (24, 40), (24, 40)),  # annotated on the stored pixels
+            ("upright.jpg", 6, (24, 40), (40, 24)),  # annotated upright
+            ("neither.jpg", 6, (24, 40), (30, 30)),
+        ],
+    )
+    dataset = COCODataset(tmp_path / "images", ann_file)
+    with pytest.warns(UserWarning, match=r"stored\.jpg: the EXIF orientation changes the size to \(40, 24\)"):
+        assert torch.equal(dataset[0][0], read_image(tmp_path / "images" / "stored.jpg", apply_exif_orientation=False))
+    assert torch.equal(dataset[1][0], read_image(tmp_path / "images" / "upright.jpg"))
+    path = tmp_path / "images" / "neither.jpg"
+    with pytest.raises(COCOFormatError, match=re.escape(f"{path}: decoded image size (H, W) = (24, 40) as stored,")):
+        dataset[2]
+    with pytest.raises(COCOFormatError, match=r"image id 3 in .*instances\.json gives"):
+        dataset[2]
+    with pytest.raises(COCOFormatError, match=r"the stored pixels match it: use exif_orientation='auto' or 'stored'"):
+        COCODataset(tmp_path / "images", ann_file, exif_orientation="upright")[0]

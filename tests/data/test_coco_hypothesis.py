@@ -194,3 +194,42 @@ def test_valid_files_always_load(content: dict[str, Any]) -> None:
         dataset, items = _load_all(root, _write_files(root, content, "ok"))
         assert sorted(dataset.image_ids) == sorted(image["id"] for image in content["images"])
         _assert_contract(dataset, items)
+
+
+@st.composite
+def rle_strings(draw: st.DrawFn) -> tuple[str, int]:
+    """A compressed-RLE string of a random mask, possibly cut short or corrupted, and the expected pixel count."""
+    height, width = draw(st.integers(1, 40)), draw(st.integers(1, 40))
+    seed = draw(st.integers(0, 2**16))
+    mask = np.random.default_rng(seed).random((height, width)) < draw(st.floats(0.0, 1.0))
+    counts = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))["counts"].decode("ascii")
+    fault = draw(st.sampled_from(["none", "none", "truncate", "replace", "append", "area"]))
+    area = height * width
+    if fault == "truncate":
+        counts = counts[: draw(st.integers(0, len(counts)))]
+    elif fault == "replace" and counts:
+        position = draw(st.integers(0, len(counts) - 1))
+        counts = counts[:position] + chr(draw(st.integers(32, 126))) + counts[position + 1 :]
+    elif fault == "append":
+        counts += draw(st.text(alphabet=st.characters(min_codepoint=40, max_codepoint=120), max_size=4))
+    elif fault == "area":
+        area += draw(st.sampled_from([-1, 1]))
+    return counts, area
+
+
+@given(strings=st.lists(rle_strings(), min_size=1, max_size=12), chunk_bytes=st.sampled_from([5, 64, 1 << 22]))
+@settings(max_examples=150, deadline=None)
+def test_vectorised_rle_check_agrees_with_the_reference_decoder(
+    strings: list[tuple[str, int]], chunk_bytes: int
+) -> None:
+    from visionkit.utils import coco_format
+
+    counts = [c for c, _ in strings]
+    areas = [a for _, a in strings]
+    problems, sums = coco_format.check_compressed_rles(counts, areas, chunk_bytes=chunk_bytes)  # many chunks too
+    for text, area, problem, total in zip(counts, areas, problems.tolist(), sums.tolist(), strict=True):
+        runs = coco_format.decode_rle_string(text)
+        valid = runs is not None and min(runs, default=0) >= 0 and sum(runs) == area
+        assert valid == (problem == 0), (text, area, problem)
+        if valid:
+            assert total == area

@@ -131,6 +131,27 @@ def results_for(results: list[dict[str, Any]], iou_type: str) -> list[dict[str, 
     return [{key: value for key, value in record.items() if key != drop} for record in results]
 
 
+RESULT_KINDS = ("box+mask", "mask-only", "box-only")
+
+
+def records_of_kind(results: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    """The records with ``bbox`` and ``segmentation`` (``"box+mask"``, as detectron2 / mmdet write them), without
+    ``bbox`` (``"mask-only"``) or without ``segmentation`` (``"box-only"``)."""
+    drop = {"box+mask": (), "mask-only": ("bbox",), "box-only": ("segmentation",)}[kind]
+    return [{key: value for key, value in record.items() if key not in drop} for record in results]
+
+
+def with_user_area(gt: dict[str, Any], seed: int) -> dict[str, Any]:
+    """A copy of ``gt`` whose annotation ``area`` values are the user's own (box area times 0.3..3, not the mask
+    area): evaluation must take the size bucket from them as given, never recompute them (trap 6)."""
+    rng = np.random.default_rng(seed)
+    changed = copy.deepcopy(gt)
+    for annotation in changed["annotations"]:
+        _, _, w, h = annotation["bbox"]
+        annotation["area"] = round(float(w * h * rng.uniform(0.3, 3.0)), 3)
+    return changed
+
+
 def run_pycocotools(
     gt: dict[str, Any],
     results: list[dict[str, Any]],
@@ -177,6 +198,18 @@ def pycocotools_reference() -> Callable[..., tuple[np.ndarray, dict[int, float]]
 def results_by_type() -> Callable[[list[dict[str, Any]], str], list[dict[str, Any]]]:
     """Factory ``results_by_type(results, iou_type)``; see ``results_for``."""
     return results_for
+
+
+@pytest.fixture
+def result_kind() -> Callable[[list[dict[str, Any]], str], list[dict[str, Any]]]:
+    """Factory ``result_kind(results, kind)`` with ``kind`` in ``RESULT_KINDS``; see ``records_of_kind``."""
+    return records_of_kind
+
+
+@pytest.fixture
+def user_area_gt() -> Callable[[dict[str, Any], int], dict[str, Any]]:
+    """Factory ``user_area_gt(gt, seed)``; see ``with_user_area``."""
+    return with_user_area
 
 
 @pytest.fixture

@@ -3,13 +3,16 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 
 import numpy as np
 import pytest
 from pycocotools import mask as pycoco_mask
 
 from visionkit.eval import COCO_STAT_NAMES, COCOGroundTruth, evaluate_coco, format_coco_table
+from visionkit.eval.coco import iou_type_label
 from visionkit.eval.rle import encode_mask
+from visionkit.utils.coco_format import COCOFormatError
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools decode
 
@@ -79,7 +82,9 @@ def test_annotation_id_zero_is_counted_as_a_match(coco_set, pycocotools_referenc
     _assert_matches_reference(evaluate_coco(gt, records, "bbox"), reference_stats, reference_per_class, gt)
 
 
-def test_segm_results_with_a_bbox_use_the_mask_area(coco_set, pycocotools_reference, results_by_type) -> None:
+def test_segm_results_with_a_bbox_use_the_mask_area_by_default(
+    coco_set, pycocotools_reference, results_by_type
+) -> None:
     gt, results = coco_set(10)
     records = results_by_type(results, "segm")
     reference_stats, reference_per_class = pycocotools_reference(gt, records, "segm")
@@ -170,24 +175,69 @@ def test_unknown_ids_in_results_are_named(coco_set, tmp_path) -> None:
         evaluate_coco(gt, results_path, "segm")
 
 
+def _truncate_counts(record: dict) -> None:
+    counts = record["segmentation"]["counts"]
+    record["segmentation"] = {**record["segmentation"], "counts": counts[: len(counts) // 2]}
+
+
 @pytest.mark.parametrize(
     ("iou_type", "mutate", "message"),
     [
-        ("bbox", lambda r: r.pop("score"), r"result 3 lacks \['score'\]"),
-        ("bbox", lambda r: r.update(bbox=[1.0, 2.0, 3.0]), r"result 3 'bbox' must be \[x, y, w, h\] \(4 numbers\)"),
-        ("bbox", lambda r: r.update(bbox=[1.0, 2.0, -3.0, 4.0]), r"result 3 'bbox' must be finite with w, h >= 0"),
-        ("bbox", lambda r: r.update(score=float("nan")), r"every result 'score' must be a finite number"),
-        ("bbox", lambda r: r.update(image_id=[1]), r"result 'image_id' and 'category_id' must be integers"),
-        ("segm", lambda r: r.pop("segmentation"), r"result 3 lacks \['segmentation'\]"),
-        ("segm", lambda r: r.update(segmentation=[[1, 1, 5, 1, 5, 5]]), r"polygons are not accepted as results"),
-        ("segm", lambda r: r.update(segmentation=encode_mask(np.ones((7, 9), bool))), r"result 3 mask size \[7, 9\]"),
+        ("bbox", lambda r: r.pop("score"), r"result 3: lacks 'score'"),
+        ("bbox", lambda r: r.update(bbox=[1.0, 2.0, 3.0]), r"result 3: 'bbox' must be \[x, y, w, h\] \(4 numbers\)"),
+        ("bbox", lambda r: r.update(bbox=[1.0, 2.0, -3.0, 4.0]), r"result 3: 'bbox' must be finite with w, h >= 0"),
+        ("bbox", lambda r: r.update(bbox=[1.0, float("nan"), 3.0, 4.0]), r"result 3: 'bbox' must be finite"),
+        ("bbox", lambda r: r.update(bbox=None), r"result 3: 'bbox' must be \[x, y, w, h\] \(4 numbers\) or absent"),
+        ("bbox", lambda r: r.update(score=float("nan")), r"result 3: 'score' must be a finite number"),
+        ("bbox", lambda r: r.update(score="0.5"), r"result 3: 'score' must be a finite number, got '0.5'"),
+        ("bbox", lambda r: r.update(image_id=[1]), r"result 3: 'image_id' must be an integer, got \[1\]"),
+        ("bbox", lambda r: r.update(category_id=2.0), r"result 3: 'category_id' must be an integer, got 2.0"),
+        ("bbox", lambda r: (r.pop("bbox"), r.pop("segmentation")), r"result 3: has neither a non-empty 'bbox' nor"),
+        (
+            "bbox",
+            lambda r: r.clear() or r.update(image_id=3, caption="a cat"),
+            r"result 3: lacks 'category_id' \(caption",
+        ),
+        ("segm", lambda r: r.pop("segmentation"), r"result 3: lacks 'segmentation' \(1 of \d+ results have none\)"),
+        (
+            "segm",
+            lambda r: r.update(segmentation=[[1, 1, 5, 1, 5, 5]]),
+            r"result 3: 'segmentation' must be an RLE dict",
+        ),
+        (
+            "segm",
+            lambda r: r.update(segmentation=encode_mask(np.ones((7, 9), bool))),
+            r"result 3: 'segmentation' mask size \[7, 9\] differs from image",
+        ),
+        (
+            "segm",
+            _truncate_counts,
+            r"result 3: 'segmentation' compressed RLE runs sum to \d+, expected height \* width",
+        ),
+        (
+            "segm",
+            lambda r: r["segmentation"].update(size=["a", "b"]),
+            r"result 3: 'segmentation' RLE 'size' must be \[height, width\] integers, got \['a', 'b'\]",
+        ),
+        (
+            "segm",
+            lambda r: r["segmentation"].update(counts="zz!!"),
+            r"result 3: 'segmentation' compressed RLE 'counts' is not a valid RLE string \(a character outside",
+        ),
+        (
+            "segm",
+            lambda r: r["segmentation"].update(counts=r["segmentation"]["counts"][:-1] + "P"),
+            r"result 3: 'segmentation' compressed RLE 'counts' is not a valid RLE string \(the last value is cut",
+        ),
+        ("segm", lambda r: r["segmentation"].update(counts=[5, -1]), r"result 3: 'segmentation' uncompressed RLE"),
+        ("segm", lambda r: r["segmentation"].update(counts=3), r"result 3: 'segmentation' RLE 'counts' must be a list"),
     ],
 )
 def test_malformed_results_raise(coco_set, iou_type, mutate, message) -> None:
     gt, results = coco_set(0, num_images=4)
     results = copy.deepcopy(results)
     mutate(results[3])
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(COCOFormatError, match=r"^<results>: " + message):
         evaluate_coco(gt, results, iou_type)
 
 
@@ -209,17 +259,15 @@ def test_bad_ground_truth_files_are_named(tmp_path, coco_set) -> None:
         evaluate_coco(broken, [])
     wrong = tmp_path / "wrong.json"
     wrong.write_text(json.dumps({"images": []}))
-    with pytest.raises(
-        ValueError, match=r"wrong\.json: COCO ground truth needs list\(s\) \['annotations', 'categories'\]"
-    ):
+    with pytest.raises(ValueError, match=r"wrong\.json: top level: missing key 'annotations'"):
         evaluate_coco(wrong, [])
     gt, _ = coco_set(0, num_images=3)
     del gt["annotations"][1]["area"]
-    with pytest.raises(ValueError, match=r"<dict>: annotations\[1\] \(id 2\) lacks \['area'\]"):
+    with pytest.raises(ValueError, match=r"<dict>: annotations\[1\] \(id 2\): no 'area'"):
         COCOGroundTruth(gt)
     gt, _ = coco_set(0, num_images=3)
     gt["annotations"][0]["image_id"] = 5555
-    with pytest.raises(ValueError, match=r"annotations refer to image ids not in 'images': \[5555\]"):
+    with pytest.raises(ValueError, match=r"annotations\[0\] \(id 1\): 'image_id' 5555 is not an image id listed"):
         COCOGroundTruth(gt)
 
 
@@ -264,3 +312,160 @@ def test_format_coco_table() -> None:
         "cat              0.2500",
     ]
     assert table.splitlines() == expected
+
+
+# ------------------------------------------------------------------------------------------ segm area conventions
+# (segm_area, result kind): "mask" = detectron2 (pycocotools fed the records without bbox), "box" = pycocotools'
+# loadRes as is (mmdet). "mask" with box-only records is an error (test below).
+SEGM_CASES = [
+    ("mask", "box+mask"),
+    ("mask", "mask-only"),
+    ("box", "box+mask"),
+    ("box", "mask-only"),
+    ("box", "box-only"),
+]
+
+
+@pytest.mark.parametrize("gt_variant", ["crowd", "area-given"])
+@pytest.mark.parametrize(("segm_area", "kind"), SEGM_CASES)
+def test_segm_area_conventions_match_pycocotools(
+    coco_set, pycocotools_reference, result_kind, user_area_gt, segm_area, kind, gt_variant
+) -> None:
+    gt, results = coco_set(30, num_images=18)
+    assert any(a["iscrowd"] for a in gt["annotations"])  # crowd GT (uncompressed RLE) is in every variant
+    if gt_variant == "area-given":
+        gt = user_area_gt(gt, 31)
+        results = [dict(r, area=1e6 if i % 2 else 1.0) for i, r in enumerate(results)]  # loadRes overwrites it
+    records = result_kind(results, kind)
+    reference_records = result_kind(records, "mask-only") if segm_area == "mask" else records
+    reference_stats, reference_per_class = pycocotools_reference(gt, reference_records, "segm")
+    metrics = evaluate_coco(gt, records, "segm", segm_area=segm_area)
+    _assert_matches_reference(metrics, reference_stats, reference_per_class, gt)
+    assert (reference_stats[3:6] > -1).all() and reference_stats[0] > 0  # GT in every size range, some matches
+
+
+@pytest.mark.parametrize("kind", ["box+mask", "mask-only", "box-only"])
+@pytest.mark.parametrize("segm_area", ["mask", "box"])
+def test_bbox_results_of_every_kind_match_pycocotools(
+    coco_set, pycocotools_reference, result_kind, user_area_gt, kind, segm_area
+) -> None:
+    gt, results = coco_set(32, num_images=15)
+    gt = user_area_gt(gt, 33)
+    records = result_kind(results, kind)  # mask-only: loadRes takes the box from the mask and the mask area
+    reference_stats, reference_per_class = pycocotools_reference(gt, records, "bbox")
+    metrics = evaluate_coco(gt, records, "bbox", segm_area=segm_area)  # segm_area has no effect on bbox
+    _assert_matches_reference(metrics, reference_stats, reference_per_class, gt)
+
+
+def test_the_two_conventions_differ_on_box_and_mask_records(coco_set) -> None:
+    gt, results = coco_set(34)
+    by_mask = evaluate_coco(gt, results, "segm", segm_area="mask")
+    by_box = evaluate_coco(gt, results, "segm", segm_area="box")
+    assert by_mask["AP"] == by_box["AP"]  # the "all" range does not depend on the detection area
+    assert [by_mask[k] for k in ("APs", "APm", "APl")] != [by_box[k] for k in ("APs", "APm", "APl")]
+
+
+def test_box_only_results_need_segm_area_box(coco_set, tmp_path, result_kind) -> None:
+    gt, results = coco_set(35, num_images=4)
+    path = tmp_path / "boxes.json"
+    path.write_text(json.dumps(result_kind(results, "box-only")))
+    message = re.escape(f"{path}: result 0: lacks 'segmentation' ({len(results)} of {len(results)} results have none)")
+    with pytest.raises(COCOFormatError, match=message + r".*segm_area='box'"):
+        evaluate_coco(gt, path, "segm")
+    assert evaluate_coco(gt, path, "segm", segm_area="box")["AP"] >= 0
+
+
+def test_empty_bbox_lists_count_as_no_box(coco_set, pycocotools_reference, result_kind) -> None:
+    gt, results = coco_set(36)
+    records = [dict(r, bbox=[]) for r in results]  # loadRes: `bbox == []` takes the mask branch
+    reference_stats, reference_per_class = pycocotools_reference(gt, records, "segm")
+    for segm_area in ("mask", "box"):
+        _assert_matches_reference(
+            evaluate_coco(gt, records, "segm", segm_area=segm_area), reference_stats, reference_per_class, gt
+        )
+    # bbox: loadRes keeps the `[]` (it only adds a box where the key is absent) and COCOeval fails on it; visionkit
+    # takes the box from the mask, as loadRes does for records without the key.
+    with pytest.raises(Exception, match=r"bounding box \(Nx4\) or RLEs"):
+        pycocotools_reference(gt, records, "bbox")
+    reference_stats, reference_per_class = pycocotools_reference(gt, result_kind(results, "mask-only"), "bbox")
+    _assert_matches_reference(evaluate_coco(gt, records, "bbox"), reference_stats, reference_per_class, gt)
+
+
+def test_mixed_records_are_decided_per_record(coco_set, pycocotools_reference, result_kind) -> None:
+    """pycocotools decides the loadRes branch on the first record; visionkit decides per record."""
+    gt, results = coco_set(37)
+    mixed = [dict(r) for r in results]
+    for record in mixed[1::3]:
+        del record["bbox"]
+    with pytest.raises(KeyError):  # first record has a box: the box branch for all, KeyError on a box-less one
+        pycocotools_reference(gt, mixed, "segm")
+    # Per record: a box gives w * h, no box gives the mask area. pycocotools gives the same when each box-less record
+    # gets a stand-in box [0, 0, mask area, 1] (segm IoU never reads the box).
+    stand_in = [r if "bbox" in r else dict(r, bbox=[0, 0, int(pycoco_mask.area(r["segmentation"])), 1]) for r in mixed]
+    reference_stats, reference_per_class = pycocotools_reference(gt, stand_in, "segm")
+    _assert_matches_reference(
+        evaluate_coco(gt, mixed, "segm", segm_area="box"), reference_stats, reference_per_class, gt
+    )
+    # First record without a box: pycocotools takes the mask area for every record, i.e. segm_area="mask".
+    reordered = [mixed[1], mixed[0], *mixed[2:]]
+    reference_stats, reference_per_class = pycocotools_reference(gt, reordered, "segm")
+    _assert_matches_reference(evaluate_coco(gt, reordered, "segm"), reference_stats, reference_per_class, gt)
+
+
+def test_segm_area_is_checked(coco_set) -> None:
+    gt, results = coco_set(0, num_images=2)
+    with pytest.raises(ValueError, match=r"segm_area must be one of \('mask', 'box'\), got 'area'"):
+        evaluate_coco(gt, results, "segm", segm_area="area")
+
+
+def test_iou_type_label() -> None:
+    assert iou_type_label("bbox", "box") == "bbox"
+    assert iou_type_label("segm") == "segm (mask area)"
+    assert iou_type_label("segm", "box") == "segm (box area)"
+
+
+# ------------------------------------------------------------------------------------------ red-team findings
+@pytest.mark.timeout(30)
+def test_truncated_rle_string_is_an_error_not_a_hang(coco_set, tmp_path) -> None:
+    gt, results = coco_set(0, num_images=4)
+    _truncate_counts(results[5])
+    path = tmp_path / "dets.json"
+    path.write_text(json.dumps(results))
+    with pytest.raises(COCOFormatError, match=re.escape(f"{path}: result 5: 'segmentation' compressed RLE runs sum")):
+        evaluate_coco(gt, path, "segm")
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda a: a["bbox"].__setitem__(2, float("nan")), r"'bbox' must be \[x, y, width, height\] of finite numbers"),
+        (lambda a: a["bbox"].__setitem__(2, -3.0), r"'bbox' has a negative width or height"),
+        (lambda a: a.update(segmentation=[[1.0, 2.0, 5.0, 6.0]]), r"polygon 0 has 4 coordinates"),
+        (lambda a: a.update(segmentation={"size": ["a", "b"], "counts": "0"}), r"RLE 'size' must be \[height, width\]"),
+        (lambda a: a.update(segmentation={"size": [4, 4], "counts": "0"}), r"RLE 'size' \[4, 4\] differs"),
+    ],
+)
+def test_malformed_ground_truth_is_named_not_scored(coco_set, tmp_path, mutate, message) -> None:
+    """Each of these used to give AP < 1 for perfect predictions (exit 0); COCODataset rejected the same file."""
+    gt, _ = coco_set(0, num_images=4)
+    position = next(i for i, a in enumerate(gt["annotations"]) if not a["iscrowd"])
+    mutate(gt["annotations"][position])
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps(gt))
+    annotation_id = gt["annotations"][position]["id"]
+    with pytest.raises(
+        COCOFormatError, match=re.escape(f"{path}: annotations[{position}] (id {annotation_id}") + ".*" + message
+    ):
+        evaluate_coco(path, [], "bbox")
+
+
+@pytest.mark.timeout(30)
+def test_truncated_ground_truth_rle_is_named(coco_set) -> None:
+    gt, _ = coco_set(3)
+    position, annotation = next(
+        (i, a) for i, a in enumerate(gt["annotations"]) if isinstance(a["segmentation"], dict) and not a["iscrowd"]
+    )
+    annotation["segmentation"]["counts"] = annotation["segmentation"]["counts"][:-3]
+    with pytest.raises(COCOFormatError, match=re.escape(f"<dict>: annotations[{position}] (id {annotation['id']},")):
+        COCOGroundTruth(gt)

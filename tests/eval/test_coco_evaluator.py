@@ -180,3 +180,27 @@ def test_bad_predictions_raise(coco_set) -> None:
         COCOEvaluator(gt, iou_types=("bbox", "keypoints"))
     with pytest.raises(ValueError, match=r"contiguous_to_category_id maps to category ids not in <dict>: \[4\]"):
         COCOEvaluator(gt, contiguous_to_category_id={0: 1, 1: 4})
+
+
+def test_segm_area_box_matches_pycocotools_on_the_records_as_they_are(
+    coco_set, model_predictions, pycocotools_reference
+) -> None:
+    gt, results = coco_set(23)
+    predictions, image_ids, label_map = model_predictions(gt, results)
+    by_box = COCOEvaluator(gt, contiguous_to_category_id=label_map, segm_area="box")
+    by_mask = COCOEvaluator(gt, contiguous_to_category_id=label_map)
+    for evaluator in (by_box, by_mask):
+        evaluator.update(predictions, image_ids)
+    box_metrics, mask_metrics = by_box.compute(), by_mask.compute()
+    reference_stats, _ = pycocotools_reference(gt, by_box.records, "segm")  # bbox + segmentation: the box branch
+    vector = np.asarray([box_metrics[f"segm_{name}"] for name in COCO_STAT_NAMES])
+    np.testing.assert_allclose(vector, reference_stats, rtol=0, atol=1e-12)
+    assert box_metrics["segm_APs"] != mask_metrics["segm_APs"]
+    assert {k: v for k, v in box_metrics.items() if k.startswith("bbox_")} == {
+        k: v for k, v in mask_metrics.items() if k.startswith("bbox_")
+    }
+    assert (by_box.segm_area, by_mask.segm_area) == ("box", "mask")
+    assert [by_box.table_title(t) for t in by_box.iou_types] == ["bbox", "segm (box area)"]
+    assert by_mask.table_title("segm") == "segm (mask area)"
+    with pytest.raises(ValueError, match=r"segm_area must be one of"):
+        COCOEvaluator(gt, segm_area="boxes")

@@ -85,7 +85,11 @@ def test_bad_masks_raise() -> None:
         encode_mask(np.zeros((1, 3, 3), dtype=bool))
     with pytest.raises(ValueError, match=r"expected a mask of shape \(N, H, W\), got shape \(3, 3\)"):
         encode_masks(np.zeros((3, 3), dtype=bool))
-    with pytest.raises(ValueError, match=r"uncompressed RLE runs sum to 5, expected H\*W = 2\*3 = 6"):
+    with pytest.raises(ValueError, match=r"uncompressed RLE runs sum to 5, expected height \* width = 6"):
         decode_rle({"size": [2, 3], "counts": [2, 3]})
+    with pytest.raises(ValueError, match=r"compressed RLE runs sum to 2, expected height \* width = 6"):
+        decode_rle({"size": [2, 3], "counts": "2"})  # a string cut short: the engine would read past its runs
+    with pytest.raises(ValueError, match=r"not a valid RLE string \(a character outside '0'..'o'\)"):
+        rle_area({"size": [2, 3], "counts": "6~"})
     with pytest.raises(ValueError, match=r"an RLE must be a dict with 'size' and 'counts'"):
         decode_rle({"counts": "abc"})

@@ -7,10 +7,12 @@ from visionkit.eval.classification import ClassificationEvaluator, topk_accuracy
 from visionkit.eval.coco import (
     COCO_ENGINE,
     COCO_STAT_NAMES,
+    SEGM_AREAS,
     COCOEvalResult,
     COCOGroundTruth,
     evaluate_coco,
     format_coco_table,
+    iou_type_label,
 )
 from visionkit.eval.coco_evaluator import COCOEvaluator
 from visionkit.eval.coco_results import coco_result_records
@@ -20,6 +22,7 @@ from visionkit.eval.segmentation import SegmentationEvaluator
 __all__ = [
     "COCO_ENGINE",
     "COCO_STAT_NAMES",
+    "SEGM_AREAS",
     "COCOEvalResult",
     "COCOEvaluator",
     "COCOGroundTruth",
@@ -31,6 +34,7 @@ __all__ = [
     "encode_masks",
     "evaluate_coco",
     "format_coco_table",
+    "iou_type_label",
     "rle_area",
     "rle_to_bbox",
     "topk_accuracy",

@@ -1,17 +1,22 @@
 """COCO box and mask AP on the faster-coco-eval engine, with pycocotools-identical numbers and its traps guarded.
 
 The engine is ``faster_coco_eval`` (C++ ``evaluate``/``accumulate``); the 12 summary stats equal pycocotools'
-``COCOeval.stats`` (tests check ``|diff| <= 1e-12``). Around it this module guards the known pycocotools traps
-(traps table of ``shared/reference/conventions.md``):
+``COCOeval.stats`` (tests check ``|diff| <= 1e-12``). Ground truth and results are validated first by the one COCO
+validator (``visionkit.utils.coco_format``, shared with ``COCODataset``): nothing malformed reaches the engine, and
+every error names the file and the record. Around the engine this module guards the known pycocotools traps
+(``docs/eval/coco.md`` lists them with their sources, and every ``loadRes`` branch):
 
 1. GT annotation ``id`` 0 — a match to id 0 is counted as a false positive by pycocotools. GT annotations are
    renumbered ``1..N`` (in file order, which keeps every match and tie-break identical) on private copies.
-2. ``segm`` results carrying ``bbox`` — pycocotools would take the box area for the size split. The box is dropped and
-   area / box are recomputed from the mask, as pycocotools does for mask-only results.
+2. ``segm`` results carrying ``bbox`` — pycocotools' ``loadRes`` takes the box area for the size split (mmdet's
+   numbers), detectron2 drops the box first (mask area). Both are offered: ``segm_area="mask"`` (default) or
+   ``"box"``; the choice is decided per record (a record without a non-empty box always uses its mask area).
 3. Empty results — pycocotools raises ``IndexError``. Here all 12 stats are ``0.0`` (documented choice).
 4. ``maxDets`` without 100 — ``stats[0]`` looks for 100. ``max_dets`` must be 3 increasing values ending in 100.
 5. Results whose ``image_id`` / ``category_id`` is not in the GT are an error naming the ids (pycocotools asserts on
    image ids and silently ignores unknown categories).
+6. The GT ``area`` decides the size bucket and is never recomputed (it is required); a result's own ``area`` is
+   ignored, as ``loadRes`` overwrites it.
 
 Conventions of the returned numbers: fractions in ``[0, 1]``; a summary stat is ``-1.0`` exactly where pycocotools
 reports ``-1`` (no GT in that area range); per-class ``AP/<name>`` (area "all", 100 detections, mean over the 10 IoU
@@ -21,7 +26,6 @@ are never modified (pycocotools and faster-coco-eval write ``ignore``/``rle``/``
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,11 +38,31 @@ from faster_coco_eval import COCO, COCOeval_faster
 from faster_coco_eval.core import mask as engine_mask
 
 from visionkit.eval.rle import to_compressed_rle
+from visionkit.utils.coco_format import (
+    COCOFormatError,
+    read_coco_json,
+    validate_instances,
+    validate_result_masks,
+    validate_results,
+)
 
-__all__ = ["COCO_ENGINE", "COCO_STAT_NAMES", "COCOEvalResult", "COCOGroundTruth", "evaluate_coco", "format_coco_table"]
+__all__ = [
+    "COCO_ENGINE",
+    "COCO_STAT_NAMES",
+    "SEGM_AREAS",
+    "COCOEvalResult",
+    "COCOGroundTruth",
+    "evaluate_coco",
+    "format_coco_table",
+    "iou_type_label",
+]
 
 IouType = Literal["bbox", "segm"]
 IOU_TYPES: tuple[str, ...] = ("bbox", "segm")
+# Where a segm detection's area (for the APs/APm/APl and ARs/ARm/ARl size split) comes from: "mask" = detectron2
+# (drops the box, mask area), "box" = pycocotools' ``loadRes`` as is (box w*h when a box is given) = mmdet.
+SegmArea = Literal["mask", "box"]
+SEGM_AREAS: tuple[str, ...] = ("mask", "box")
 # The 12 entries of pycocotools' ``COCOeval.stats`` in order (``COCOeval.summarize``), for maxDets (1, 10, 100).
 COCO_STAT_NAMES: tuple[str, ...] = (
     "AP",
@@ -77,24 +101,6 @@ def _ids_text(ids: set[int] | set[Any]) -> str:
     return f"[{shown}{more}]"
 
 
-def _read_json(path: Path, what: str) -> Any:
-    """Read a JSON file, turning every failure into an error that names the file."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} file not found: {path}")
-    try:
-        with path.open("r", encoding="utf-8") as handle:
-            return json.load(handle)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path}: cannot read {what} as JSON ({error})") from error
-
-
-def _as_int_id(value: Any) -> int | None:
-    """``value`` as a python int if it is an integer id (not bool), else ``None``."""
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        return None
-    return int(value)
-
-
 def _validate_max_dets(max_dets: Sequence[int]) -> list[int]:
     """Check that ``max_dets`` has the 3-entry, ends-in-100 layout pycocotools' ``summarize`` assumes."""
     values = [int(m) for m in max_dets]
@@ -104,6 +110,26 @@ def _validate_max_dets(max_dets: Sequence[int]) -> list[int]:
             f"detections), got {tuple(max_dets)}"
         )
     return values
+
+
+def check_segm_area(segm_area: str) -> str:
+    """Return ``segm_area`` after checking it is one of ``SEGM_AREAS``."""
+    if segm_area not in SEGM_AREAS:
+        raise ValueError(f"segm_area must be one of {SEGM_AREAS}, got {segm_area!r}")
+    return segm_area
+
+
+def iou_type_label(iou_type: str, segm_area: str = "mask") -> str:
+    """Name of an evaluation for tables and metric files: ``"bbox"``, ``"segm (mask area)"``, ``"segm (box area)"``.
+
+    Args:
+        iou_type: ``"bbox"`` or ``"segm"``.
+        segm_area: The segm size-split convention (``"mask"`` or ``"box"``); ignored for ``"bbox"``.
+
+    Returns:
+        The label.
+    """
+    return f"segm ({check_segm_area(segm_area)} area)" if iou_type == "segm" else iou_type
 
 
 def stat_names_for(max_dets: Sequence[int]) -> tuple[str, ...]:
@@ -154,7 +180,7 @@ class COCOGroundTruth:
     def __init__(self, gt: str | Path | Mapping[str, Any], class_agnostic: bool = False) -> None:
         if isinstance(gt, str | Path):
             self.source = str(gt)
-            dataset = _read_json(Path(gt), "COCO ground-truth")
+            dataset = read_coco_json(gt, "COCO ground-truth")
         elif isinstance(gt, Mapping):
             self.source = "<dict>"
             dataset = gt
@@ -163,40 +189,27 @@ class COCOGroundTruth:
         self.class_agnostic = class_agnostic
         self._parse(dataset)
 
-    def _error(self, message: str) -> ValueError:
-        return ValueError(f"{self.source}: {message}")
+    def _error(self, message: str) -> COCOFormatError:
+        return COCOFormatError(f"{self.source}: {message}")
 
     def _parse(self, dataset: Any) -> None:
-        """Validate ``dataset`` and build the engine index on renumbered private copies of the annotations."""
-        if not isinstance(dataset, Mapping):
-            raise self._error(f"COCO ground truth must be a JSON object, got {type(dataset).__name__}")
-        missing = [key for key in ("images", "annotations", "categories") if not isinstance(dataset.get(key), list)]
-        if missing:
-            raise self._error(f"COCO ground truth needs list(s) {missing} (instances format)")
-
-        images: list[dict[str, Any]] = []
-        self.image_sizes: dict[int, tuple[int, int]] = {}
-        for index, image in enumerate(dataset["images"]):
-            image_id = _as_int_id(image.get("id")) if isinstance(image, Mapping) else None
-            if image_id is None or not all(isinstance(image.get(k), int | np.integer) for k in ("height", "width")):
-                raise self._error(f"images[{index}] needs integer 'id', 'height' and 'width', got {image!r}")
-            if image_id in self.image_sizes:
-                raise self._error(f"duplicate image id {image_id}")
-            self.image_sizes[image_id] = (int(image["height"]), int(image["width"]))
-            images.append({"id": image_id, "height": int(image["height"]), "width": int(image["width"])})
-
-        self.category_names: dict[int, str] = {}
-        for index, category in enumerate(dataset["categories"]):
-            category_id = _as_int_id(category.get("id")) if isinstance(category, Mapping) else None
-            if category_id is None:
-                raise self._error(f"categories[{index}] needs an integer 'id', got {category!r}")
-            if category_id in self.category_names:
-                raise self._error(f"duplicate category id {category_id}")
-            self.category_names[category_id] = str(category.get("name", category_id))
+        """Validate ``dataset`` (``visionkit.utils.coco_format``) and index renumbered private copies of the GT."""
+        instances = validate_instances(
+            dataset, self.source, require_file_name=False, require_category_name=False, require_area=True
+        )
+        self.image_sizes: dict[int, tuple[int, int]] = instances.image_sizes
+        self.category_names: dict[int, str] = instances.category_names
         self.category_ids: list[int] = sorted(self.category_names)
-
-        annotations, missing_segmentation = self._copy_annotations(dataset["annotations"])
-        self._missing_segmentation = missing_segmentation
+        self._missing_segmentation = instances.missing_segmentation
+        images = [{"id": image_id, "height": h, "width": w} for image_id, (h, w) in self.image_sizes.items()]
+        annotations = []
+        for index, raw in enumerate(instances.annotations):
+            annotation = dict(raw)
+            annotation["id"] = index + 1  # trap 1: ids 1..N in file order
+            annotation["image_id"] = int(raw["image_id"])
+            annotation["category_id"] = AGNOSTIC_CATEGORY["id"] if self.class_agnostic else int(raw["category_id"])
+            annotation["iscrowd"] = int(raw.get("iscrowd", 0))  # pycocotools treats a missing flag as 0
+            annotations.append(annotation)
         categories = (
             [dict(AGNOSTIC_CATEGORY)]
             if self.class_agnostic
@@ -207,43 +220,6 @@ class COCOGroundTruth:
         self._coco = COCO(print_function=_silent)
         self._coco.dataset = {"images": images, "annotations": annotations, "categories": categories}
         self._coco.createIndex()
-
-    def _copy_annotations(self, raw_annotations: list[Any]) -> tuple[list[dict[str, Any]], list[int]]:
-        """Validated shallow copies of the GT annotations, renumbered ``1..N`` (trap 1: id 0)."""
-        annotations: list[dict[str, Any]] = []
-        missing_segmentation: list[int] = []
-        unknown_images: set[Any] = set()
-        unknown_categories: set[Any] = set()
-        for index, raw in enumerate(raw_annotations):
-            if not isinstance(raw, Mapping):
-                raise self._error(f"annotations[{index}] must be an object, got {type(raw).__name__}")
-            absent = [key for key in ("image_id", "category_id", "bbox", "area") if key not in raw]
-            if absent:
-                raise self._error(f"annotations[{index}] (id {raw.get('id')!r}) lacks {absent}")
-            bbox = raw["bbox"]
-            if not isinstance(bbox, Sequence) or len(bbox) != 4:
-                raise self._error(
-                    f"annotations[{index}] (id {raw.get('id')!r}) bbox must be [x, y, w, h], got {bbox!r}"
-                )
-            annotation = dict(raw)
-            image_id = _as_int_id(raw["image_id"])
-            category_id = _as_int_id(raw["category_id"])
-            if image_id not in self.image_sizes:
-                unknown_images.add(raw["image_id"])
-            if category_id not in self.category_names:
-                unknown_categories.add(raw["category_id"])
-            if "segmentation" not in raw:
-                missing_segmentation.append(index)
-            annotation["id"] = index + 1
-            annotation["image_id"] = image_id
-            annotation["category_id"] = AGNOSTIC_CATEGORY["id"] if self.class_agnostic else category_id
-            annotation["iscrowd"] = int(raw.get("iscrowd", 0))  # pycocotools treats a missing flag as 0
-            annotations.append(annotation)
-        if unknown_images:
-            raise self._error(f"annotations refer to image ids not in 'images': {_ids_text(unknown_images)}")
-        if unknown_categories:
-            raise self._error(f"annotations refer to category ids not in 'categories': {_ids_text(unknown_categories)}")
-        return annotations, missing_segmentation
 
     @property
     def image_ids(self) -> list[int]:
@@ -256,6 +232,7 @@ class COCOGroundTruth:
         iou_type: IouType = "bbox",
         image_ids: Sequence[int] | None = None,
         max_dets: Sequence[int] = DEFAULT_MAX_DETS,
+        segm_area: SegmArea = "mask",
     ) -> COCOEvalResult:
         """Evaluate COCO result records against this ground truth.
 
@@ -267,6 +244,10 @@ class COCOGroundTruth:
             image_ids: Evaluate on these GT images only (``params.imgIds``); ``None`` means every GT image.
                 Results on other images are ignored.
             max_dets: Detections per image for the AR stats; 3 increasing ints ending in 100.
+            segm_area: For ``"segm"``: the detection area used by the size split (APs/APm/APl, ARs/ARm/ARl).
+                ``"mask"`` (detectron2): the mask area, any ``bbox`` ignored. ``"box"`` (pycocotools' ``loadRes`` as is,
+                mmdet): ``w * h`` of the record's ``bbox`` where it has a non-empty one, else the mask area.
+                Ignored for ``"bbox"``. See ``docs/eval/coco.md``.
 
         Returns:
             The evaluation result; see ``COCOEvalResult``.
@@ -278,6 +259,7 @@ class COCOGroundTruth:
         if iou_type not in IOU_TYPES:
             raise ValueError(f"iou_type must be one of {IOU_TYPES}, got {iou_type!r}")
         max_dets_list = _validate_max_dets(max_dets)
+        check_segm_area(segm_area)
         if iou_type == "segm" and self._missing_segmentation:
             first = self._missing_segmentation[0]
             raise self._error(
@@ -286,13 +268,11 @@ class COCOGroundTruth:
             )
         if isinstance(results, str | Path):
             results_source = str(results)
-            records = _read_json(Path(results), "COCO results")
-            if not isinstance(records, list):
-                raise ValueError(f"{results_source}: COCO results must be a JSON list, got {type(records).__name__}")
+            records = read_coco_json(results, "COCO results")
         else:
             results_source = "<results>"
             records = results
-        detections = self._convert_results(records, iou_type, results_source)
+        detections = self._convert_results(records, iou_type, results_source, segm_area)
 
         if image_ids is None:
             eval_image_ids = self.image_ids
@@ -344,115 +324,85 @@ class COCOGroundTruth:
         return per_class
 
     def _convert_results(
-        self, records: Sequence[Mapping[str, Any]], iou_type: str, source: str
+        self, records: Any, iou_type: str, source: str, segm_area: str = "mask"
     ) -> list[dict[str, Any]]:
-        """Validate result records and build the engine's detection annotations (what ``loadRes`` would build)."""
-        geometry_key = "bbox" if iou_type == "bbox" else "segmentation"
-        try:
-            image_ids = [record["image_id"] for record in records]
-            category_ids = [record["category_id"] for record in records]
-            scores = [record["score"] for record in records]
-            geometries = [record[geometry_key] for record in records]
-        except (KeyError, TypeError, IndexError):
-            raise self._malformed_record_error(records, geometry_key, source) from None
-        if not records:
+        """Validate result records and build the engine's detections (what ``loadRes`` would build; docs/eval/coco.md).
+
+        Per record: a non-empty ``bbox`` gives the detection box and, for ``"bbox"`` and for ``"segm"`` with
+        ``segm_area="box"``, the area ``w * h``; otherwise (and for ``"segm"`` with ``segm_area="mask"``) the mask gives
+        the area (and the box, if there is none). For ``"segm"`` with ``segm_area="box"``, a record with a box and no
+        mask is evaluated with the rectangle polygon of its box, as ``loadRes`` builds it.
+        """
+        columns = validate_results(records, source, self.image_sizes, self.category_names)
+        count = len(columns.scores)
+        if count == 0:
             return []
+        area_from_box = columns.has_box if iou_type == "bbox" or segm_area == "box" else np.zeros(count, bool)
+        needs_mask = ~area_from_box | (columns.has_segmentation if iou_type == "segm" else False)
+        missing = np.flatnonzero(needs_mask & ~columns.has_segmentation)
+        if missing.size:
+            raise COCOFormatError(
+                self._missing_geometry_message(source, int(missing[0]), missing.size, count, iou_type, segm_area)
+            )
+        mask_rows = np.flatnonzero(needs_mask)
+        rles = validate_result_masks(columns, mask_rows, self.image_sizes)
+        rles = [rle if isinstance(rle["counts"], str | bytes) else to_compressed_rle(rle) for rle in rles]
 
-        try:
-            unknown_images = set(image_ids) - self.image_sizes.keys()
-            unknown_categories = set(category_ids) - self.category_names.keys()
-        except TypeError:  # an unhashable id, e.g. a list
-            raise ValueError(f"{source}: result 'image_id' and 'category_id' must be integers") from None
-        if unknown_images or unknown_categories:
-            parts = []
-            if unknown_images:
-                parts.append(f"image ids not in the ground truth {_ids_text(unknown_images)}")
-            if unknown_categories:
-                parts.append(f"category ids not in the ground truth {_ids_text(unknown_categories)}")
-            raise ValueError(f"{source}: results refer to {' and '.join(parts)} (ground truth: {self.source})")
-        try:
-            score_array = np.asarray(scores, dtype=np.float64)
-        except (TypeError, ValueError):
-            raise ValueError(f"{source}: every result 'score' must be a number") from None
-        if score_array.shape != (len(records),) or not np.isfinite(score_array).all():
-            raise ValueError(f"{source}: every result 'score' must be a finite number")
+        areas = np.zeros(count)
+        boxes = columns.boxes.copy()
+        areas[area_from_box] = boxes[area_from_box, 2] * boxes[area_from_box, 3]
+        from_mask = ~area_from_box[mask_rows]
+        if from_mask.any():
+            # faster-coco-eval's batch calls: pycocotools' ``area`` overflows a uint8 counter beyond 255 RLEs.
+            mask_rles = [rle for rle, use in zip(rles, from_mask, strict=True) if use]
+            areas[mask_rows[from_mask]] = engine_mask.area(mask_rles).astype(np.float64)
+            boxes[mask_rows[from_mask]] = engine_mask.toBbox(mask_rles).reshape(-1, 4)  # as for a popped box
+        segmentations: list[Any] = [None] * count
+        if iou_type == "segm":
+            for row, rle in zip(mask_rows.tolist(), rles, strict=True):
+                segmentations[row] = rle
+            for row in np.flatnonzero(~columns.has_segmentation).tolist():  # segm_area="box", box only
+                x, y, w, h = (columns.records[row]["bbox"][k] for k in range(4))
+                segmentations[row] = [[x, y, x, y + h, x + w, y + h, x + w, y]]  # loadRes' rectangle polygon
 
-        if iou_type == "bbox":
-            areas = self._bbox_areas(geometries, source)
-        else:
-            geometries, areas, boxes = self._mask_geometry(geometries, image_ids, source)
         label = AGNOSTIC_CATEGORY["id"] if self.class_agnostic else None
+        category_ids = columns.category_ids.tolist()
         detections = []
-        for index, (image_id, category_id, score, geometry, area) in enumerate(
-            zip(image_ids, category_ids, score_array.tolist(), geometries, areas, strict=True)
+        for index, (image_id, score, box, area) in enumerate(
+            zip(columns.image_ids.tolist(), columns.scores.tolist(), boxes.tolist(), areas.tolist(), strict=True)
         ):
             detection = {
                 "id": index + 1,
-                "image_id": int(image_id),
-                "category_id": label if label is not None else int(category_id),
+                "image_id": image_id,
+                "category_id": label if label is not None else category_ids[index],
                 "score": score,
                 "area": area,
                 "iscrowd": 0,
+                "bbox": box,
             }
-            if iou_type == "bbox":
-                detection["bbox"] = geometry
-            else:
-                detection["segmentation"] = geometry
-                detection["bbox"] = boxes[index]
+            if iou_type == "segm":
+                detection["segmentation"] = segmentations[index]
             detections.append(detection)
         return detections
 
     @staticmethod
-    def _bbox_areas(boxes: list[Any], source: str) -> list[float]:
-        """``w * h`` per box (pycocotools' ``loadRes`` area), after checking every box is 4 finite numbers."""
-        try:
-            array = np.asarray(boxes, dtype=np.float64)
-        except (TypeError, ValueError):
-            array = np.empty(0)
-        if array.shape != (len(boxes), 4):
-            bad = next(
-                (i for i, box in enumerate(boxes) if not isinstance(box, Sequence | np.ndarray) or len(box) != 4), 0
+    def _missing_geometry_message(
+        source: str, first: int, missing: int, count: int, iou_type: str, segm_area: str
+    ) -> str:
+        """Error text for result records that lack what this ``iou_type`` / ``segm_area`` needs."""
+        where = f"{source}: result {first}"
+        if iou_type == "bbox":
+            return (
+                f"{where}: has neither a non-empty 'bbox' nor a 'segmentation' to take the box from ({missing} of "
+                f"{count} results)"
             )
-            raise ValueError(f"{source}: result {bad} 'bbox' must be [x, y, w, h] (4 numbers), got {boxes[bad]!r}")
-        if not np.isfinite(array).all() or (array[:, 2:] < 0).any():
-            bad = int(np.flatnonzero(~np.isfinite(array).all(axis=1) | (array[:, 2:] < 0).any(axis=1))[0])
-            raise ValueError(f"{source}: result {bad} 'bbox' must be finite with w, h >= 0, got {boxes[bad]!r}")
-        return (array[:, 2] * array[:, 3]).tolist()
-
-    def _mask_geometry(
-        self, segmentations: list[Any], image_ids: list[Any], source: str
-    ) -> tuple[list[dict[str, Any]], list[float], list[list[float]]]:
-        """Check RLE sizes against the images; return RLEs, mask areas and mask boxes (bbox dropped, trap 2)."""
-        rles = []
-        for index, (segmentation, image_id) in enumerate(zip(segmentations, image_ids, strict=True)):
-            if not isinstance(segmentation, Mapping) or "size" not in segmentation or "counts" not in segmentation:
-                raise ValueError(
-                    f"{source}: result {index} 'segmentation' must be an RLE dict with 'size' and 'counts' "
-                    f"(polygons are not accepted as results), got {type(segmentation).__name__}"
-                )
-            size = tuple(int(v) for v in segmentation["size"])
-            if size != self.image_sizes[image_id]:
-                raise ValueError(
-                    f"{source}: result {index} mask size {list(size)} differs from image {image_id} size "
-                    f"{list(self.image_sizes[image_id])} (masks must be at original image resolution)"
-                )
-            counts = segmentation["counts"]
-            rles.append(segmentation if isinstance(counts, str | bytes) else to_compressed_rle(segmentation))
-        # faster-coco-eval's batch calls: pycocotools' ``area`` overflows a uint8 counter beyond 255 RLEs.
-        areas = engine_mask.area(rles).astype(np.float64).tolist()
-        boxes = engine_mask.toBbox(rles).tolist()
-        return rles, areas, boxes
-
-    @staticmethod
-    def _malformed_record_error(records: Sequence[Any], geometry_key: str, source: str) -> ValueError:
-        """Find the first malformed record and describe it."""
-        for index, record in enumerate(records):
-            if not isinstance(record, Mapping):
-                return ValueError(f"{source}: result {index} must be a dict, got {type(record).__name__}")
-            absent = [key for key in ("image_id", "category_id", "score", geometry_key) if key not in record]
-            if absent:
-                return ValueError(f"{source}: result {index} lacks {absent} (needed for this iou_type)")
-        return ValueError(f"{source}: results must be a list of dicts")
+        if segm_area == "box":
+            return f"{where}: has neither a 'segmentation' nor a non-empty 'bbox' ({missing} of {count} results)"
+        return (
+            f"{where}: lacks 'segmentation' ({missing} of {count} results have none); segm_area='mask' (detectron2) "
+            f"evaluates masks only; segm_area='box' (pycocotools' loadRes, mmdet) evaluates a box-only record with the "
+            f"rectangle mask of its box"
+        )
 
 
 def evaluate_coco(
@@ -461,6 +411,7 @@ def evaluate_coco(
     iou_type: IouType = "bbox",
     class_agnostic: bool = False,
     max_dets: Sequence[int] = DEFAULT_MAX_DETS,
+    segm_area: SegmArea = "mask",
 ) -> dict[str, float]:
     """COCO AP / AR of ``results`` against ``gt``, identical to pycocotools' ``COCOeval``, several times faster.
 
@@ -470,6 +421,8 @@ def evaluate_coco(
         iou_type: ``"bbox"`` or ``"segm"``. For ``"segm"`` any ``bbox`` in the records is ignored.
         class_agnostic: Merge all categories into one before evaluating (no per-class keys then).
         max_dets: 3 increasing ints ending in 100.
+        segm_area: ``"mask"`` (detectron2, default) or ``"box"`` (pycocotools ``loadRes`` as is, mmdet): where a segm
+            detection's area for the size split comes from; see ``COCOGroundTruth.evaluate``.
 
     Returns:
         ``AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl`` (pycocotools' 12 stats in order; ``-1``
@@ -481,7 +434,7 @@ def evaluate_coco(
         ValueError: For invalid GT or results; the message names the file and the problem.
     """
     ground_truth = COCOGroundTruth(gt, class_agnostic=class_agnostic)
-    return ground_truth.evaluate(results, iou_type=iou_type, max_dets=max_dets).as_dict()
+    return ground_truth.evaluate(results, iou_type=iou_type, max_dets=max_dets, segm_area=segm_area).as_dict()
 
 
 def _format_value(value: float) -> str:

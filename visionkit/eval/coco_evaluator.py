@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from visionkit.eval.coco import COCO_ENGINE, IOU_TYPES, COCOGroundTruth
+from visionkit.eval.coco import COCO_ENGINE, IOU_TYPES, COCOGroundTruth, SegmArea, check_segm_area, iou_type_label
 from visionkit.eval.coco_results import coco_result_records
 from visionkit.utils import gather_to_rank0, run_on_rank0, write_json_atomic
 
@@ -35,9 +35,13 @@ class COCOEvaluator:
         contiguous_to_category_id: Contiguous label → dataset category id (``COCODataset.contiguous_to_category_id``).
             ``None`` means the GT category ids in sorted order (label ``i`` is the ``i``-th smallest id).
         class_agnostic: Merge all categories into one before evaluating.
+        segm_area: Which area the ``"segm"`` size split (APs/APm/APl, ARs/ARm/ARl) uses: ``"mask"`` (detectron2,
+            default) or ``"box"`` (the record's box ``w * h``, as pycocotools' ``loadRes`` and mmdet do). See
+            ``visionkit.eval.evaluate_coco`` and ``docs/eval/coco.md``.
 
     Attributes:
         engine: The COCO engine and its version (``COCO_ENGINE``), for logging next to the metrics.
+        segm_area: The segm area convention in use; ``table_title(iou_type)`` names it for printed tables.
 
     Under DDP, images repeated across ranks (``DistributedSampler`` pads the last batch with repeats) are evaluated
     once, keeping the first rank's predictions, with a warning giving the count.
@@ -49,8 +53,10 @@ class COCOEvaluator:
         iou_types: Sequence[str] = ("bbox", "segm"),
         contiguous_to_category_id: Mapping[int, int] | None = None,
         class_agnostic: bool = False,
+        segm_area: SegmArea = "mask",
     ) -> None:
         self.engine = COCO_ENGINE
+        self.segm_area: SegmArea = check_segm_area(segm_area)  # type: ignore[assignment]
         self.iou_types = (iou_types,) if isinstance(iou_types, str) else tuple(iou_types)
         if (
             not self.iou_types
@@ -74,6 +80,17 @@ class COCOEvaluator:
             self._label_lookup[label] = category_id
         self._records_by_image: dict[int, list[dict[str, Any]]] = {}
         self._duplicate_images = 0
+
+    def table_title(self, iou_type: str) -> str:
+        """Label of one evaluation for printed tables: ``"bbox"``, ``"segm (mask area)"`` or ``"segm (box area)"``.
+
+        Args:
+            iou_type: ``"bbox"`` or ``"segm"``.
+
+        Returns:
+            The label (``visionkit.eval.coco.iou_type_label`` with this evaluator's ``segm_area``).
+        """
+        return iou_type_label(iou_type, self.segm_area)
 
     def reset(self) -> None:
         """Forget every record (call at the start of each validation epoch)."""
@@ -196,7 +213,9 @@ class COCOEvaluator:
         records = [record for image_records in merged.values() for record in image_records]
         metrics: dict[str, float] = {}
         for iou_type in self.iou_types:
-            result = self.ground_truth.evaluate(records, iou_type=iou_type, image_ids=list(merged))
+            result = self.ground_truth.evaluate(
+                records, iou_type=iou_type, image_ids=list(merged), segm_area=self.segm_area
+            )
             metrics.update({f"{iou_type}_{name}": value for name, value in result.as_dict().items()})
         return metrics
 

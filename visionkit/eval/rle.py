@@ -14,13 +14,15 @@ numpy 2 and its batch ``area`` overflows past 255 masks.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
 from faster_coco_eval.core import mask as engine_mask
 from pycocotools import mask as mask_utils
+
+from visionkit.utils.coco_format import rle_problem
 
 __all__ = ["decode_rle", "encode_mask", "encode_masks", "rle_area", "rle_to_bbox", "to_compressed_rle"]
 
@@ -97,25 +99,22 @@ def to_compressed_rle(rle: Mapping[str, Any]) -> dict[str, Any]:
         ``{"size": [H, W], "counts": bytes}``.
 
     Raises:
-        ValueError: If ``rle`` lacks ``size`` or ``counts``, or ``counts`` has an unsupported type, or the runs of an
-            uncompressed RLE do not add up to ``H * W``.
+        ValueError: If ``rle`` is not a valid RLE (``visionkit.utils.coco_format.rle_problem``): no ``size`` or
+            ``counts``, an unsupported ``counts`` type, a compressed string that does not decode, or runs that are
+            negative or do not add up to ``H * W``.
     """
     if not isinstance(rle, Mapping) or "size" not in rle or "counts" not in rle:
         raise ValueError(f"an RLE must be a dict with 'size' and 'counts', got {_short_repr(rle)}")
+    problem = rle_problem(rle)  # the engine's C code does not check: a string cut short reads past its runs
+    if problem is not None:
+        raise ValueError(problem)
     height, width = (int(v) for v in rle["size"])
     counts = rle["counts"]
     if isinstance(counts, str):
         return {"size": [height, width], "counts": counts.encode("utf-8")}
     if isinstance(counts, bytes):
         return {"size": [height, width], "counts": counts}
-    if isinstance(counts, Sequence | np.ndarray):
-        total = int(np.sum(counts))
-        if total != height * width:
-            raise ValueError(
-                f"uncompressed RLE runs sum to {total}, expected H*W = {height}*{width} = {height * width}"
-            )
-        return engine_mask.frPyObjects({"size": [height, width], "counts": [int(c) for c in counts]}, height, width)
-    raise ValueError(f"RLE counts must be str, bytes or a list of ints, got {type(counts).__name__}")
+    return engine_mask.frPyObjects({"size": [height, width], "counts": [int(c) for c in counts]}, height, width)
 
 
 def decode_rle(rle: Mapping[str, Any]) -> np.ndarray:
