@@ -42,8 +42,8 @@ import torch
 
 from visionkit.methods.zip import discover_instances, kmeans, select_fragments
 
-GRID = (128, 170)  # RN50x64 layer3 grid of a 640x480 image resized to short side 2048 (shared/reference/zip.md §4)
-DIM = 2048  # RN50x64 layer3 channels (zip.md §4)
+GRID = (128, 170)  # RN50x64 layer3 grid of a 640x480 image resized to short side 2048 (docs/methods/zip.md §4)
+DIM = 2048  # RN50x64 layer3 channels (docs/methods/zip.md §4)
 K = 20  # zip_utils.py
 
 

@@ -60,6 +60,16 @@ def demo_root(demo_paths: dict[str, dict[str, Path]]) -> Path:
     return demo_paths["coco"]["root"].parent
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip the tests marked ``@pytest.mark.gpu`` when no CUDA device is available (one reason, in the summary)."""
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device (marked gpu); torch.cuda.is_available() is False")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip_gpu)
+
+
 @pytest.fixture(autouse=True)
 def _plain_argv(monkeypatch: pytest.MonkeyPatch) -> None:
     """Hide pytest's own arguments from code under test that looks at ``sys.argv`` (LightningCLI warns about them)."""
@@ -93,3 +103,41 @@ def interrupted_fit():
         assert cli.trainer.current_epoch == epochs
 
     return run
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tiny random-weight CLIP / SAM models (foundation adapters, Zip, config and DDP tests); configs and builders in
+# tests/models/foundation/tiny_models.py. Session scope: treat the models as read-only.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_vit() -> tuple[torch.nn.Module, object]:
+    """``(model, tokenizer)``: the tiny ViT CLIP (``TINY_VIT``) with seeded random weights, eval mode."""
+    from tests.models.foundation.tiny_models import TINY_VIT, clip_tokenizer, random_clip
+
+    return random_clip(TINY_VIT), clip_tokenizer(TINY_VIT)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_resnet() -> torch.nn.Module:
+    """The tiny ModifiedResNet CLIP (``TINY_RN``) with seeded random weights, eval mode."""
+    from tests.models.foundation.tiny_models import TINY_RN, random_clip
+
+    return random_clip(TINY_RN, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_sam() -> torch.nn.Module:
+    """The tiny SAM (``vit_test``) with seeded random weights, eval mode."""
+    from tests.models.foundation.tiny_models import random_sam
+
+    return random_sam()
+
+
+@pytest.fixture(scope="session")
+def tiny_zip_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """Tiny CLIP ViT / CLIP ResNet / SAM checkpoint files and their archs, as ``ZipTask`` arguments."""
+    from tests.models.foundation.tiny_models import write_tiny_checkpoints
+
+    return write_tiny_checkpoints(tmp_path_factory.mktemp("tiny_foundation"))

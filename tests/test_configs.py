@@ -4,12 +4,18 @@ Configs for real datasets are templates: the test points their data at the demo 
 image and batch sizes, swaps a large backbone for the tiny member of its family and runs on one CPU process in full
 precision. The rules are keyed on what the YAML holds (data paths, argument names, model names), not on file names,
 so that a new config is tested without touching this file. What is checked is the config's structure: every class,
-argument and value the CLI must parse and the task must accept, through one training step and validation.
+argument and value the CLI must parse and the task must accept, through one training step and validation; a task
+that cannot be trained (``trainable = False``: a training-free method such as Zip) runs ``validate`` on one batch
+instead. Foundation-model checkpoints (an argument ``<name>_checkpoint`` next to ``<name>_arch`` /
+``<name>_variant``) are replaced by tiny random-weight models of the same family written to temporary files
+(``tiny_zip_checkpoints``).
 """
 
 from __future__ import annotations
 
+import importlib
 import json
+import pkgutil
 import re
 from pathlib import Path
 from typing import Any
@@ -18,7 +24,9 @@ import pytest
 import timm
 import yaml
 
+import visionkit.methods
 from visionkit.cli import main
+from visionkit.tasks import BaseTask
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
@@ -36,6 +44,15 @@ SMALL_SIZES: dict[str, int] = {
     "slide_stride": 48,
     "batch_size": 2,
     "val_batch_size": 2,
+    # foundation-model pipelines (Zip): input sides for the tiny CLIP / SAM, fewer clusters, SAM points, blocks
+    "semantic_size": 32,
+    "classifier_size": 32,
+    "boundary_short_side": 128,
+    "n_surgery": 2,
+    "k": 4,
+    "kmeans_iters": 10,
+    "min_area": 1,
+    "points_per_side": 4,
 }
 #: Trainer settings of a template that cannot run on one CPU process, replaced.
 TRAINER_OVERRIDES: dict[str, str] = {"strategy": "auto", "precision": "32-true", "num_nodes": "1"}
@@ -44,6 +61,13 @@ TINY_BACKBONES: tuple[tuple[str, str], ...] = (
     (r"_(small|base|large|huge|giant)_", "_tiny_"),
     (r"^convnext_\w+$", "convnext_atto"),
     (r"^resnet(34|50|101|152)(\w*)$", "resnet18"),
+)
+#: Foundation-model architecture (the value of ``<name>_arch`` / ``<name>_variant`` next to ``<name>_checkpoint``) ->
+#: the keys of the tiny random-weight model of its family in ``tiny_zip_checkpoints``: (file, architecture).
+TINY_FOUNDATION: tuple[tuple[str, tuple[str, str]], ...] = (
+    (r"^ViT-", ("clip_checkpoint", "clip_arch")),  # open_clip ViT CLIP -> tiny ViT CLIP
+    (r"^RN\d", ("boundary_checkpoint", "boundary_arch")),  # open_clip ModifiedResNet CLIP -> tiny ResNet CLIP
+    (r"^vit_[hlb]$", ("sam_checkpoint", "sam_variant")),  # SAM ViT-H / L / B -> tiny SAM
 )
 
 
@@ -85,7 +109,44 @@ def _tiny_backbone(name: str) -> str | None:
     return None
 
 
-def _template_overrides(config: dict, demo_root: Path, real_to_demo: dict[str, Path]) -> list[str]:
+def _tiny_foundation(model_args: dict[str, Any], tiny: dict[str, Any]) -> list[str]:
+    """Overrides pointing every ``<name>_checkpoint`` of a known foundation family at a tiny model of that family."""
+    args: list[str] = []
+    for key in model_args:
+        prefix = key.removesuffix("_checkpoint")
+        arch_key = next((k for k in (f"{prefix}_arch", f"{prefix}_variant") if k in model_args), None)
+        if prefix == key or arch_key is None or not isinstance(model_args[arch_key], str):
+            continue
+        for pattern, (file_key, tiny_arch_key) in TINY_FOUNDATION:
+            if re.search(pattern, model_args[arch_key]):
+                arch = tiny[tiny_arch_key]  # a name, or a config dict (given as JSON)
+                arch = arch if isinstance(arch, str) else json.dumps(arch)
+                args += [f"--model.{key}={tiny[file_key]}", f"--model.{arch_key}={arch}"]
+                break
+    return args
+
+
+def _subcommand(config: dict) -> str:
+    """``fit``, or ``validate`` for a task that says it cannot be trained (``trainable = False``: training-free)."""
+    class_path = str((config.get("model") or {}).get("class_path", ""))
+    if "." in class_path:
+        module, name = class_path.rsplit(".", 1)
+        task_class = getattr(importlib.import_module(module), name)
+    else:  # a bare name: a task of visionkit.tasks or of a method package (what the CLI registers)
+        for method in pkgutil.iter_modules(visionkit.methods.__path__):
+            importlib.import_module(f"visionkit.methods.{method.name}")
+        pending, task_class = [BaseTask], None
+        while pending and task_class is None:
+            cls = pending.pop()
+            task_class = cls if cls.__name__ == class_path else None
+            pending += cls.__subclasses__()
+        assert task_class is not None, f"no task class named {class_path!r}"
+    return "fit" if task_class.trainable else "validate"
+
+
+def _template_overrides(
+    config: dict, demo_root: Path, real_to_demo: dict[str, Path], tiny_foundation: dict[str, Any] | None = None
+) -> list[str]:
     """Command-line overrides that make a config run on the demo data, small and on one CPU process."""
     args: list[str] = []
     trainer = config.get("trainer") or {}
@@ -123,6 +184,7 @@ def _template_overrides(config: dict, demo_root: Path, real_to_demo: dict[str, P
         args.append("--model.init_checkpoint=null")  # the previous run's checkpoint does not exist here
     if model_args.get("pretrained"):
         args.append("--model.pretrained=false")  # no weights on CI; the test checks structure
+    args += _tiny_foundation(model_args, tiny_foundation or {})
     for key, value in (model_args.get("backbone_kwargs") or {}).items():
         small = _shrink(key, value)
         if small is not None:
@@ -165,6 +227,35 @@ def test_template_overrides_follow_the_yaml_content(tmp_path):
         "--model.pretrained=false",
         "--model.backbone_kwargs.img_size=64",
     ]
+    tiny = {"clip_checkpoint": "v.st", "clip_arch": {"embed_dim": 16}, "boundary_checkpoint": "r.st",
+            "boundary_arch": {"embed_dim": 8}, "sam_checkpoint": "s.st", "sam_variant": "vit_test"}  # fmt: skip
+    foundation = {
+        "model": {
+            "class_path": "ZipTask",
+            "init_args": {
+                "clip_checkpoint": "weights/ViT-B-16.pt",
+                "clip_arch": "ViT-B-16",
+                "boundary_checkpoint": "weights/RN50x64.pt",
+                "boundary_arch": "RN50x64",
+                "sam_checkpoint": "weights/sam_vit_h_4b8939.pth",
+                "sam_variant": "vit_h",
+                "init_checkpoint": None,
+                "semantic_size": 512,
+            },
+        }
+    }
+    assert _template_overrides(foundation, tmp_path, real_to_demo, tiny) == [
+        "--model.semantic_size=32",
+        "--model.clip_checkpoint=v.st",
+        '--model.clip_arch={"embed_dim": 16}',
+        "--model.boundary_checkpoint=r.st",
+        '--model.boundary_arch={"embed_dim": 8}',
+        "--model.sam_checkpoint=s.st",
+        "--model.sam_variant=vit_test",
+    ]
+    assert _subcommand(foundation) == "validate"
+    assert _subcommand({"model": {"class_path": "ClassificationTask"}}) == "fit"
+    assert _subcommand({"model": {"class_path": "visionkit.tasks.InstanceSegmentationTask"}}) == "fit"
     assert _map_path("data/demo/ade20k", tmp_path, real_to_demo) == str(tmp_path / "ade20k")
     assert _map_path("data/coconut", tmp_path, real_to_demo) is None
     assert _tiny_backbone("convnext_base") == "convnext_atto" and _tiny_backbone("resnet50") == "resnet18"
@@ -172,12 +263,13 @@ def test_template_overrides_follow_the_yaml_content(tmp_path):
 
 
 @pytest.mark.parametrize("config_path", CONFIGS, ids=[str(p.relative_to(REPO / "configs")) for p in CONFIGS])
-def test_config_runs_with_fast_dev_run(config_path, demo_root, demo_paths, tmp_path):
+def test_config_runs_with_fast_dev_run(config_path, demo_root, demo_paths, tiny_zip_checkpoints, tmp_path):
     config = yaml.safe_load(config_path.read_text())
+    subcommand = _subcommand(config)
     args = [
-        "fit",
+        subcommand,
         f"--config={config_path}",
-        *_template_overrides(config, demo_root, _real_to_demo(demo_paths)),
+        *_template_overrides(config, demo_root, _real_to_demo(demo_paths), tiny_zip_checkpoints),
         "--trainer.fast_dev_run=1",
         "--trainer.accelerator=cpu",
         "--trainer.devices=1",
@@ -187,4 +279,7 @@ def test_config_runs_with_fast_dev_run(config_path, demo_root, demo_paths, tmp_p
     ]
     cli = main(args)
     assert cli.trainer.state.finished
-    assert cli.trainer.global_step == 1
+    if subcommand == "fit":
+        assert cli.trainer.global_step == 1
+    else:  # one validation batch, scored: the metric a checkpoint would monitor is logged
+        assert cli.model.monitor in cli.trainer.logged_metrics

@@ -1,4 +1,5 @@
-"""DDP on CPU: two processes (gloo) run ``tools/train.py fit`` to the end, evaluation gathered on rank 0.
+"""DDP on CPU: two processes (gloo) run ``tools/train.py fit`` (or ``tools/eval.py``) to the end, evaluation gathered on
+rank 0.
 
 Lightning's ``ddp`` strategy starts the second rank by re-running the same command in a subprocess, so the run is
 itself started as a subprocess with a timeout: a hang (a collective that one rank never reaches) fails the test
@@ -8,6 +9,7 @@ instead of blocking the suite.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -87,7 +89,8 @@ def test_instance_segmentation_ddp_two_processes_gathers_coco_evaluation(tmp_pat
     metrics = _metrics(tmp_path)
     # The 2 x 2 validation batches of both ranks (the 4 demo val images) were scored once, on rank 0.
     assert len(metrics["val/segm_AP50"]) == 1, metrics
-    assert 0.0 <= float(metrics["val/segm_AP50"][0]) <= 1.0 or metrics["val/segm_AP50"][0] == "nan"
+    for name in ("val/segm_AP50", "val/bbox_AP50", "val/segm_AP", "val/bbox_AP"):  # real numbers, never "nan"
+        assert 0.0 <= float(metrics[name][0]) <= 1.0, (name, metrics[name])
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
 
 
@@ -107,3 +110,39 @@ def test_classification_ddp_two_processes(tmp_path, demo_root):
     assert 0.0 <= float(metrics["val/top1"][0]) <= 1.0
     assert len(metrics["train/loss"]) == 2  # one logged value per optimiser step (rank 0 logs)
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+
+def _run_eval(command: str, config: Path, root: Path, devices: int, *overrides: str) -> subprocess.CompletedProcess:
+    """``tools/eval.py <command>`` on ``devices`` CPU processes (gloo DDP when more than one), one thread each."""
+    strategy = "ddp" if devices > 1 else "auto"
+    base = [sys.executable, str(REPO / "tools" / "eval.py"), command, f"--config={config}", "--trainer.accelerator=cpu"]
+    base += [f"--trainer.devices={devices}", f"--trainer.strategy={strategy}", f"--trainer.default_root_dir={root}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("LOCAL_RANK", None)
+    command_line = [*base, "--trainer.enable_progress_bar=false", "--data.num_workers=0", *overrides]
+    return subprocess.run(command_line, capture_output=True, text=True, timeout=TIMEOUT_S, cwd=root, env=env)
+
+
+def test_zip_ddp_two_processes_equal_one_process(tmp_path, demo_root, tiny_zip_checkpoints):
+    from tests.models.foundation.tiny_models import zip_task_overrides
+
+    config = REPO / "configs" / "zip" / "zip_coco_val2017.yaml"
+    data = [f"--data.data_root={demo_root / 'coco'}", "--data.batch_size=1", *zip_task_overrides(tiny_zip_checkpoints)]
+    stats, records = {}, {}
+    for devices in (1, 2):
+        root = tmp_path / f"devices{devices}"
+        root.mkdir()
+        out = _run_eval("validate", config, root, devices, *data)
+        assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+        if devices == 2:
+            _assert_both_ranks_finished(out)
+        stats[devices] = {key: values for key, values in _metrics(root).items() if key.startswith("val/")}
+        results = root / "predictions.json"
+        out = _run_eval("predict", config, root, devices, *data, f"--model.predictions_path={results}")
+        assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+        records[devices] = sorted(json.loads(results.read_text()), key=lambda r: (r["image_id"], -r["score"]))
+    # each of the 48 summary stats (class-aware and agnostic) logged once, equal for one and two processes
+    assert len([key for key in stats[1] if "_AP/" not in key]) == 48 and stats[1] == stats[2], (stats[1], stats[2])
+    assert all(len(values) == 1 and values[0] != "nan" for key, values in stats[2].items() if "_AP/" not in key)
+    # the two ranks' shards, gathered once, give the records of the single process (all four images, none twice)
+    assert records[2] == records[1] and {r["image_id"] for r in records[2]} == {1000001, 1000002, 1000003, 1000004}

@@ -8,9 +8,16 @@ Usage (COCO val2017 with the official weights; see docs/methods/zip.md)::
     python tools/eval.py coco --gt data/coco/annotations/instances_val2017.json \
         --results outputs/zip/val2017.json --iou-type segm bbox [--class-agnostic]
 
-``--images DIR --classes "cat,dog"`` runs on a folder (image ids 1, 2, ... in file-name order, category ids 1..C in
+``--images DIR --classes "cat,dog"`` runs on a folder (image ids 1, 2, ... in sorted path order, category ids 1..C in
 the order of ``--classes``). Finished images are kept in ``<output>.partial.jsonl``: running the same command again
-skips them. Images that fail are listed at the end and do not stop the run.
+skips them. Images that fail are listed at the end and do not stop the run. The records are those ``ZipTask`` writes
+(one code path, ``visionkit.methods.zip.inference.batch_records``); for several GPUs use ``tools/eval.py predict
+--config configs/zip/zip_coco_val2017.yaml`` (docs/methods/zip.md §10).
+
+Exit status: 0 when every image was segmented; 1 when some images failed (the results JSON holds the others; the
+last line gives the number of failures, ``--retry-failed`` runs them again); 2 on bad input, with a one-line error
+that names the file: a missing or unusable checkpoint, an annotation file that is not a COCO instances JSON, or a
+``.partial.jsonl`` line that is not a progress entry.
 """
 
 from __future__ import annotations
@@ -21,10 +28,21 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from visionkit.methods.zip.inference import coco_items, folder_items, run_inference
-from visionkit.methods.zip.segmenter import SamClipBaseline, ZipConfig, ZipSegmenter
-from visionkit.models.foundation import SamAutomaticMasks, load_clip, load_sam
+from visionkit.methods.zip.inference import ResumeFileError, coco_items, folder_items, run_inference
+from visionkit.methods.zip.segmenter import (
+    FOUNDATION_ARGS,
+    SamClipBaseline,
+    ZipConfig,
+    ZipSegmenter,
+    build_segmenter,
+    load_foundation_models,
+)
 from visionkit.weights import CheckpointError
+
+
+def _arch(value: str) -> str | dict:
+    """An open_clip architecture name, or a config dict given as JSON (tiny test models)."""
+    return json.loads(value) if value.lstrip().startswith("{") else value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,11 +55,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, help="results JSON to write")
     parser.add_argument("--method", choices=("zip", "baseline"), default="zip")
     parser.add_argument("--clip-checkpoint", required=True, help="OpenAI ViT-B/16 (ViT-B-16.pt or safetensors)")
-    parser.add_argument("--clip-arch", default="ViT-B-16")
+    parser.add_argument("--clip-arch", default="ViT-B-16", type=_arch, help="open_clip name, or a JSON config")
     parser.add_argument("--boundary-checkpoint", help="OpenAI RN50x64 (RN50x64.pt); needed for --method zip")
-    parser.add_argument("--boundary-arch", default="RN50x64")
+    parser.add_argument("--boundary-arch", default="RN50x64", type=_arch, help="open_clip name, or a JSON config")
     parser.add_argument("--sam-checkpoint", required=True, help="SAM, e.g. sam_vit_h_4b8939.pth")
-    parser.add_argument("--sam-variant", default="vit_h", choices=("vit_h", "vit_l", "vit_b"))
+    parser.add_argument("--sam-variant", default="vit_h", choices=("vit_h", "vit_l", "vit_b", "vit_test"))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=1, help="images per call (SAM encoder batch)")
     parser.add_argument("--limit", type=int, help="only the first N images")
@@ -68,27 +86,35 @@ def _config(pairs: list[str], class_agnostic: bool) -> ZipConfig:
     return ZipConfig(**values)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.coco:
-        items, categories = coco_items(
-            Path(args.coco) / args.split, Path(args.coco) / "annotations" / f"instances_{args.split}.json"
-        )
-        names = [c["name"] for c in categories]
-        category_ids = [int(c["id"]) for c in categories]
-        if args.classes:
-            wanted = [n.strip() for n in args.classes.split(",")]
-            unknown = sorted(set(wanted) - set(names))
-            if unknown:
-                raise SystemExit(f"error: {unknown} are not categories of the {args.split} annotations")
-            category_ids = [category_ids[names.index(n)] for n in wanted]
-            names = wanted
-    else:
+def _items(args: argparse.Namespace) -> tuple[list, list[str], list[int]]:
+    """``(items, class names, category ids)`` of the run."""
+    if not args.coco:
         if not args.classes:
             raise SystemExit("error: --images needs --classes")
-        items = folder_items(args.images)
         names = [n.strip() for n in args.classes.split(",")]
-        category_ids = list(range(1, len(names) + 1))
+        return folder_items(args.images), names, list(range(1, len(names) + 1))
+    items, categories = coco_items(
+        Path(args.coco) / args.split, Path(args.coco) / "annotations" / f"instances_{args.split}.json"
+    )
+    names = [c["name"] for c in categories]
+    category_ids = [int(c["id"]) for c in categories]
+    if args.classes:
+        wanted = [n.strip() for n in args.classes.split(",")]
+        unknown = sorted(set(wanted) - set(names))
+        if unknown:
+            raise SystemExit(f"error: {unknown} are not categories of the {args.split} annotations")
+        category_ids = [category_ids[names.index(n)] for n in wanted]
+        names = wanted
+    return items, names, category_ids
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        items, names, category_ids = _items(args)
+    except (FileNotFoundError, ValueError) as error:  # COCOFormatError too: the message names the file and entry
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if args.limit:
         items = items[: args.limit]
     config = _config(args.set, args.class_agnostic)
@@ -97,37 +123,33 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, CheckpointError) as error:  # a missing or unusable checkpoint: say which and why
         print(f"error: {error}", file=sys.stderr)
         return 2
-    summary = run_inference(
-        segment, items, category_ids, args.output, batch_size=args.batch_size, retry_failed=args.retry_failed
-    )
+    try:
+        summary = run_inference(
+            segment, items, category_ids, args.output, batch_size=args.batch_size, retry_failed=args.retry_failed
+        )
+    except ResumeFileError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(
         f"{args.output}: {summary.records} records; {summary.done} images segmented, {summary.skipped} already "
         f"done, {len(summary.failed)} failed"
     )
+    if not summary.failed:
+        return 0
     for image_id, error in summary.failed.items():
         print(f"  image {image_id}: {error}", file=sys.stderr)
-    return 0
+    print(
+        f"error: {len(summary.failed)} of {len(items)} images failed (listed above; --retry-failed runs them again)",
+        file=sys.stderr,
+    )
+    return 1
 
 
 def _build(args: argparse.Namespace, names: list[str], config: ZipConfig) -> ZipSegmenter | SamClipBaseline:
-    if args.method == "zip":
-        if not args.boundary_checkpoint:
-            raise SystemExit("error: --method zip needs --boundary-checkpoint (OpenAI RN50x64)")
-        return ZipSegmenter.from_checkpoints(
-            names,
-            args.clip_checkpoint,
-            args.boundary_checkpoint,
-            args.sam_checkpoint,
-            clip_arch=args.clip_arch,
-            boundary_arch=args.boundary_arch,
-            sam_variant=args.sam_variant,
-            device=args.device,
-            encoder_batch_size=args.batch_size,
-            config=config,
-        )
-    clip_model, tokenizer = load_clip(args.clip_arch, args.clip_checkpoint, device=args.device)
-    generator = SamAutomaticMasks(load_sam(args.sam_variant, args.sam_checkpoint, device=args.device))
-    return SamClipBaseline(clip_model.eval(), tokenizer, generator, names, class_agnostic=args.class_agnostic)
+    if args.method == "zip" and not args.boundary_checkpoint:
+        raise SystemExit("error: --method zip needs --boundary-checkpoint (OpenAI RN50x64)")
+    models = load_foundation_models(**{key: getattr(args, key) for key in FOUNDATION_ARGS}, device=args.device)
+    return build_segmenter(models, names, config, encoder_batch_size=args.batch_size)
 
 
 if __name__ == "__main__":

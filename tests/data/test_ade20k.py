@@ -1,4 +1,5 @@
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -8,6 +9,7 @@ import torch
 from PIL import Image
 
 from visionkit.data.ade20k import ADE20K_CLASSES, ADE20KDataset
+from visionkit.data.image_io import read_image
 
 
 def _write_pair(
@@ -119,7 +121,9 @@ def test_size_mismatch_names_both_files(ade_root: Path) -> None:
     _write_pair(ade_root, "validation", "ADE_val_00000002", np.zeros((4, 5)), image_size=(4, 6))
     dataset = ADE20KDataset(ade_root, split="val")
     with pytest.raises(
-        ValueError, match=r"ADE_val_00000002.jpg is \(4, 6\) \(H, W\) but its label map .*ADE_val_00000002.png"
+        ValueError,
+        match=r"ADE_val_00000002.jpg: decoded image size \(H, W\) = \(4, 6\) differs from the size \(4, 5\) that "
+        r"its label map .*ADE_val_00000002.png gives",
     ):
         dataset[1]
 
@@ -144,3 +148,78 @@ def test_reads_the_synthetic_demo_set(demo_paths: dict[str, dict[str, Path]]) ->
         assert image.shape[1:] == target["mask"].shape
         assert set(raw_mask.unique().tolist()) <= {0, 1, 2, 3}
         assert torch.equal(target["mask"], torch.where(raw_mask == 0, 255, raw_mask - 1))
+
+
+# ------------------------------------------------------------------------------------------------ EXIF orientation
+EXIF_ORIENTATION = 0x0112
+
+
+def _write_tagged_pair(base: Path, stem: str, stored_hw: tuple[int, int], label_hw: tuple[int, int]) -> Path:
+    """A JPEG with EXIF orientation 6 whose stored pixels are ``stored_hw``, and a label map of ``label_hw``."""
+    (base / "images" / "validation").mkdir(parents=True, exist_ok=True)
+    (base / "annotations" / "validation").mkdir(parents=True, exist_ok=True)
+    height, width = stored_hw
+    pixels = np.full((height, width, 3), 30, dtype=np.uint8)
+    pixels[: height // 3, : width // 2] = (250, 20, 20)  # a red block at the top left of the stored pixels
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = 6  # "rotate 90° clockwise to view"
+    path = base / "images" / "validation" / f"{stem}.jpg"
+    Image.fromarray(pixels).save(path, exif=exif.tobytes(), quality=95)
+    labels = np.zeros(label_hw, dtype=np.uint8)
+    labels[: label_hw[0] // 3, : label_hw[1] // 2] = 1  # drawn over the red block, in the label map's frame
+    Image.fromarray(labels, mode="L").save(base / "annotations" / "validation" / f"{stem}.png")
+    return path
+
+
+def test_square_exif_rotated_image_is_read_as_stored_to_match_its_label_map(tmp_path: Path) -> None:
+    # Upright or not, a square image has the label map's size: only the tag can tell, and ADE20K's label maps were
+    # drawn on the stored pixels. Before, the image was rotated and silently misaligned with its labels.
+    base = tmp_path / "ADEChallengeData2016"
+    path = _write_tagged_pair(base, "ADE_val_00000001", (24, 24), (24, 24))
+    _write_tagged_pair(base, "ADE_val_00000002", (24, 24), (24, 24))
+    stored = read_image(path, apply_exif_orientation=False)
+    dataset = ADE20KDataset(base, split="val")
+    with pytest.warns(
+        UserWarning, match=r"EXIF orientation 6: rotated 90° clockwise keeps the size \(24, 24\)"
+    ) as seen:
+        image, target = dataset[0]
+        dataset[1]  # the second tagged image does not warn again: one warning per dataset
+    assert len([w for w in seen if "exif_orientation" in str(w.message)]) == 1
+    assert "ADE20KDataset(" in str(seen[0].message) and str(path) in str(seen[0].message)
+    assert torch.equal(image, stored)
+    red = (image[0] > 150) & (image[1] < 100)
+    assert torch.equal(red, target["mask"] == 0)  # label 1 -> 0 after reduce_zero_label: aligned with the red block
+
+    upright = ADE20KDataset(base, split="val", exif_orientation="upright")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an explicit choice does not warn
+        assert torch.equal(upright[0][0], read_image(path))
+    assert not torch.equal(read_image(path), stored)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(ADE20KDataset(base, split="val", exif_orientation="stored")[0][0], stored)
+
+
+def test_non_square_exif_rotated_image_follows_its_label_map(tmp_path: Path) -> None:
+    base = tmp_path / "ADEChallengeData2016"
+    as_stored = _write_tagged_pair(base, "ADE_val_00000001", (20, 32), (20, 32))  # labels on the stored pixels
+    as_upright = _write_tagged_pair(base, "ADE_val_00000002", (20, 32), (32, 20))  # labels on the upright image
+    neither = _write_tagged_pair(base, "ADE_val_00000003", (20, 32), (20, 20))
+    dataset = ADE20KDataset(base, split="val")
+    with pytest.warns(UserWarning, match=r"the EXIF orientation changes the size to \(32, 20\)"):
+        assert torch.equal(dataset[0][0], read_image(as_stored, apply_exif_orientation=False))
+    assert torch.equal(dataset[1][0], read_image(as_upright))
+    label = base / "annotations" / "validation" / "ADE_val_00000003.png"
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            f"{neither}: decoded image size (H, W) = (20, 32) as stored, (32, 20) upright (EXIF orientation 6: "
+            f"rotated 90° clockwise) differs from the size (20, 20) that its label map {label} gives"
+        ),
+    ):
+        dataset[2]
+    stored_only = ADE20KDataset(base, split="val", exif_orientation="stored")
+    with pytest.raises(ValueError, match=r"the upright image matches it: use exif_orientation='auto' or 'upright'"):
+        stored_only[1]
+    with pytest.raises(ValueError, match=r"exif_orientation must be one of \('auto', 'stored', 'upright'\)"):
+        ADE20KDataset(base, split="val", exif_orientation="sideways")  # type: ignore[arg-type]

@@ -425,3 +425,13 @@ def test_generate_demo_for_ade20k_resolves_the_nested_folder(tmp_path):
     dm.setup("validate")
     image, target = dm.dataset("val")[0]
     assert image.shape[0] == 3 and target["mask"].ndim == 2
+
+
+def test_exif_orientation_reaches_the_datasets(demo_paths):
+    coco = coco_module(demo_paths, exif_orientation="stored")
+    coco.setup("validate")
+    assert coco.dataset("val")._image_reader.exif_orientation == "stored"
+    ade = ADE20KDataModule(str(demo_paths["ade20k"]["root"]), **SMALL_ADE, exif_orientation="upright")
+    ade.setup("validate")
+    assert ade.dataset("val").exif_orientation == "upright"
+    assert ADE20KDataModule(str(demo_paths["ade20k"]["root"])).hparams.exif_orientation == "auto"

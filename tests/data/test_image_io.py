@@ -7,7 +7,15 @@ import pytest
 import torch
 from PIL import Image
 
-from visionkit.data.image_io import ImageReadError, read_image, read_label_map
+from visionkit.data.image_io import (
+    AnnotatedImageReader,
+    AnnotationSizeError,
+    ImageReadError,
+    read_exif_orientation,
+    read_image,
+    read_image_for_annotation,
+    read_label_map,
+)
 
 EXIF_ORIENTATION = 0x0112
 
@@ -198,3 +206,96 @@ def test_rgb_label_map_is_rejected(tmp_path: Path) -> None:
     Image.fromarray(np.zeros((4, 4, 3), dtype=np.uint8)).save(path)
     with pytest.raises(ValueError, match=re.escape(str(path)) + r" has mode 'RGB' with 3 band\(s\)"):
         read_label_map(path)
+
+
+# ------------------------------------------------------------------------------------- EXIF against annotations
+def _tagged_jpeg(path: Path, orientation: int | None, height: int, width: int) -> Path:
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[EXIF_ORIENTATION] = orientation
+    Image.fromarray(_asymmetric_rgb(height, width)).save(path, exif=exif.tobytes(), quality=95)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("orientation", "stored_hw", "annotation_hw", "mode", "applied"),
+    [
+        (None, (24, 40), (24, 40), "auto", False),  # no tag: as it is
+        (1, (24, 40), (24, 40), "upright", False),  # tag 1 turns nothing
+        (6, (32, 32), (32, 32), "auto", False),  # square: sizes cannot tell, annotations are on the stored pixels
+        (6, (32, 32), (32, 32), "upright", True),
+        (6, (24, 40), (24, 40), "auto", False),  # annotated on the stored pixels
+        (6, (24, 40), (40, 24), "auto", True),  # annotated upright
+        (8, (24, 40), (40, 24), "upright", True),
+        (3, (24, 40), (24, 40), "auto", False),  # 180°: same size both ways, stored
+        (3, (24, 40), (24, 40), "upright", True),
+        (6, (24, 40), (24, 40), "stored", False),
+    ],
+)
+def test_read_image_for_annotation_decides_from_the_tag(
+    tmp_path: Path, orientation, stored_hw, annotation_hw, mode, applied
+) -> None:
+    path = _tagged_jpeg(tmp_path / "photo.jpg", orientation, *stored_hw)
+    pixels, decision = read_image_for_annotation(path, annotation_hw, mode, reference="test.json")
+    assert decision.orientation == (orientation or 1) and decision.applied is applied
+    assert decision.stored_size == stored_hw
+    assert tuple(pixels.shape) == (3, *annotation_hw)
+    assert torch.equal(pixels, read_image(path, apply_exif_orientation=applied))
+
+
+def test_read_image_for_annotation_names_the_file_when_no_frame_fits(tmp_path: Path) -> None:
+    path = _tagged_jpeg(tmp_path / "photo.jpg", 6, 24, 40)
+    sizes = "(24, 40) as stored, (40, 24) upright (EXIF orientation 6: rotated 90° clockwise)"
+    with pytest.raises(AnnotationSizeError, match=re.escape(f"{path}: decoded image size (H, W) = {sizes} differs")):
+        read_image_for_annotation(path, (24, 24), "auto", reference="image id 3 in x.json")
+    with pytest.raises(
+        AnnotationSizeError, match=r"the stored pixels match it: use exif_orientation='auto' or 'stored'"
+    ):
+        read_image_for_annotation(path, (24, 40), "upright")
+    with pytest.raises(
+        AnnotationSizeError, match=r"upright image matches it: use exif_orientation='auto' or 'upright'"
+    ):
+        read_image_for_annotation(path, (40, 24), "stored")
+    untagged = _tagged_jpeg(tmp_path / "plain.jpg", None, 24, 40)
+    with pytest.raises(
+        AnnotationSizeError, match=re.escape(f"{untagged}: decoded image size (H, W) = (24, 40) differs")
+    ):
+        read_image_for_annotation(untagged, (40, 24), "auto", reference="image id 4 in x.json")
+    with pytest.raises(ValueError, match="exif_orientation must be one of"):
+        read_image_for_annotation(untagged, (24, 40), "rotate")  # type: ignore[arg-type]
+
+
+def test_exif_orientation_tag_reading(tmp_path: Path) -> None:
+    for tag, expected in [(None, 1), (1, 1), (6, 6), (9, 1), (0, 1)]:  # out-of-range values turn nothing
+        with Image.open(_tagged_jpeg(tmp_path / f"t{tag}.jpg", tag, 8, 8)) as image:
+            assert read_exif_orientation(image) == expected
+
+
+class _ReadEveryImage(torch.utils.data.Dataset):
+    def __init__(self, paths: list[Path], reader: AnnotatedImageReader) -> None:
+        self.paths, self.reader = paths, reader
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.reader(self.paths[index], (16, 16), "the test")
+
+
+def test_annotated_image_reader_warns_once_per_dataset_across_workers(tmp_path: Path) -> None:
+    paths = [_tagged_jpeg(tmp_path / f"{i}.jpg", 6, 16, 16) for i in range(4)]
+    reader = AnnotatedImageReader("auto", owner="TestSet")
+    with pytest.warns(UserWarning, match=r"^TestSet: .*0\.jpg: EXIF orientation 6.*shown once per dataset") as seen:
+        for path in paths:
+            reader(path, (16, 16), "the test")
+    assert len(seen) == 1
+    # The flag is shared memory: a worker process that warns first silences the main process and the other workers.
+    fresh = AnnotatedImageReader("auto", owner="TestSet")
+    loader = torch.utils.data.DataLoader(_ReadEveryImage(paths, fresh), batch_size=2, num_workers=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the workers' own stderr, not this process's warnings
+        assert [tuple(batch.shape) for batch in loader] == [(2, 3, 16, 16), (2, 3, 16, 16)]
+    assert int(fresh._warned[0]) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fresh(paths[0], (16, 16), "the test")

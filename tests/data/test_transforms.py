@@ -215,14 +215,29 @@ def test_random_crop_cat_max_ratio_resamples_unbalanced_windows():
 
 
 def test_random_crop_cat_max_ratio_ignores_ignore_index():
-    # Everything but ignore pixels is one class: no window can satisfy the ratio; the last draw is used.
-    label_map = torch.full((16, 16), 255, dtype=torch.int64)
-    label_map[:, :4] = 3
-    image = torch.zeros(3, 16, 16, dtype=torch.uint8)
-    out_image, out = RandomCrop(8, cat_max_ratio=0.5, generator=torch.Generator().manual_seed(0))(
-        image, {"mask": label_map}
-    )
-    assert out_image.shape == (3, 8, 8) and out["mask"].shape == (8, 8)
+    # A 2x5 label map and 2x4 crops: the only offsets are left = 0 and left = 1 (top is always 0).
+    #   row 0: 2 255 1 1 255
+    #   row 1: 2 255 1 2 255
+    # Window 0 (columns 0..3): class 1 x3, class 2 x3, ignore x2 -> real shares 3/6 = 0.5 < 0.75: balanced.
+    # Window 1 (columns 1..4): class 1 x3, class 2 x1, ignore x4 -> real shares 3/4 = 0.75, not < 0.75: rejected.
+    # Counting the ignore pixels would accept window 1 instead: as a category, the largest share is 4/8 = 0.5; in
+    # the denominator only, class 1 has 3/8 = 0.375. So a correct crop picks window 0 unless all 11 draws (first + 10
+    # redraws) land on window 1 (chance 2 ** -11), while a crop counting ignore pixels keeps its first draw: window 1
+    # half of the time.
+    label_map = torch.tensor([[2, 255, 1, 1, 255], [2, 255, 1, 2, 255]], dtype=torch.int64)
+    image = torch.arange(10, dtype=torch.uint8).reshape(1, 2, 5).expand(3, 2, 5).clone()
+    crop = RandomCrop((2, 4), cat_max_ratio=0.75, generator=torch.Generator().manual_seed(0))
+    assert crop._balanced_enough(label_map[:, 0:4]) and not crop._balanced_enough(label_map[:, 1:5])
+    windows = []
+    for _ in range(40):
+        out_image, out = crop(image, {"mask": label_map})
+        windows.append(int(out_image[0, 0, 0]))  # the left offset: column values are 0..4 in row 0
+        assert torch.equal(out["mask"], label_map[:, windows[-1] : windows[-1] + 4])
+    assert windows == [0] * 40
+    # The case discriminates: without the check (first draw kept) window 1 comes up about half of the time.
+    unchecked = RandomCrop((2, 4), generator=torch.Generator().manual_seed(0))
+    first_draws = [int(unchecked(image, {"mask": label_map})[0][0, 0, 0]) for _ in range(40)]
+    assert 10 <= first_draws.count(1) <= 30
 
 
 def test_random_resized_crop_fallback_is_centre_crop():

@@ -10,7 +10,7 @@ from timm.optim import param_groups_layer_decay
 from torch import nn
 from torch.utils.data import DataLoader
 
-from visionkit.tasks import BaseTask, ClassificationTask
+from visionkit.tasks import BaseTask, ClassificationTask, InstanceSegmentationTask, SemanticSegmentationTask
 
 
 class _ToyTask(BaseTask):
@@ -187,3 +187,55 @@ def test_layer_decay_lrs_follow_the_schedule_per_group():
     assert head_group["lr"] == 1.0
     assert stem_group["lr"] == pytest.approx(0.5**13)
     assert isinstance(timm.create_model("vit_tiny_patch16_224", img_size=32).group_matcher(), dict)
+
+
+# Backbone -> (model arguments, names in its no_weight_decay() that must exist, 2-d weights that must still decay).
+_NO_DECAY_CASES = {
+    "vmamba_test": (
+        {"mask_token": True},
+        {"masked_embed", "layers.0.blocks.0.op.A_logs", "layers.3.blocks.0.op.A_logs", "layers.1.blocks.0.op.Ds"},
+        ["patch_embed.0.weight", "layers.0.blocks.0.op.in_proj.weight", "layers.2.blocks.0.op.x_proj_weight"],
+    ),
+    "vit_tiny_patch16_224": (
+        {"img_size": 64},
+        {"pos_embed", "cls_token"},  # its list also names dist_token, which this ViT does not have
+        ["patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "blocks.11.mlp.fc2.weight"],
+    ),
+}
+_TASK_CLASSES = [ClassificationTask, SemanticSegmentationTask, InstanceSegmentationTask]
+
+
+@pytest.mark.parametrize(("layer_decay", "freeze"), [(None, False), (0.75, False), (None, True)])
+@pytest.mark.parametrize("backbone_name", sorted(_NO_DECAY_CASES))
+@pytest.mark.parametrize("task_class", _TASK_CLASSES, ids=lambda c: c.__name__)
+def test_backbone_no_weight_decay_is_honoured_in_every_task_and_optimiser_path(
+    task_class, backbone_name, layer_decay, freeze
+):
+    model_kwargs, must_exist, must_decay = _NO_DECAY_CASES[backbone_name]
+    task = task_class(
+        backbone_name,
+        num_classes=3,
+        backbone_kwargs=model_kwargs,
+        weight_decay=0.1,
+        layer_decay=layer_decay,
+        freeze_backbone=freeze,
+    )
+    backbone = task.backbone  # InstanceSegmentationTask: a property reaching into task.model
+    params = dict(backbone.named_parameters())  # names relative to the backbone, as no_weight_decay() gives them
+    exempt = {name for name in backbone.no_weight_decay() if name in params}
+    assert must_exist <= exempt
+    groups = task.parameter_groups()
+    decay_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    trainable = [p for p in task.parameters() if p.requires_grad]
+    assert sum(len(g["params"]) for g in groups) == len(trainable) == len(decay_of)  # each once
+    for name in exempt:
+        if freeze:
+            assert id(params[name]) not in decay_of, name  # frozen: in no group at all
+        else:
+            assert decay_of[id(params[name])] == 0.0, name
+    if freeze:
+        assert not any(id(p) in decay_of for p in backbone.parameters())
+        assert any(wd == 0.1 for wd in decay_of.values())  # the head's weights still decay
+    else:
+        for name in must_decay:
+            assert params[name].ndim >= 2 and decay_of[id(params[name])] == 0.1, name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -171,3 +172,22 @@ def test_init_checkpoint_loads_the_whole_detector_and_drop_loss_switches_heads(t
     torch.save({"state_dict": {"model.extra": torch.zeros(1)}}, other)
     with pytest.raises(CheckpointMismatchError, match=r"other\.ckpt does not fit this Mask R-CNN"):
         _tiny_task(init_checkpoint=str(other))
+
+
+@pytest.mark.parametrize("segm_area", ["mask", "box"])
+def test_coco_segm_area_reaches_the_evaluator_and_the_table(demo_paths, tmp_path, caplog, segm_area):
+    coco = demo_paths["coco"]
+    caplog.set_level(logging.INFO)
+    extra = ["--trainer.limit_val_batches=1", f"--model.coco_segm_area={segm_area}"]
+    cli = main(_args("validate", coco["root"], tmp_path, "resnet18", *extra))
+    evaluator = cli.model.coco_evaluators["val"][""]  # the one (class-aware) evaluation of this task
+    assert evaluator.segm_area == segm_area and cli.model.coco_evaluations == {"": False}
+    assert f"val segm ({segm_area} area)" in caplog.text and "val bbox (epoch 0" in caplog.text
+    logged = cli.trainer.logged_metrics
+    assert evaluator.records, "the random-weight model should detect something at box_score_thresh=0"
+    gt = json.loads(coco["val_annotations"].read_text())  # restricted to the images evaluated (one batch)
+    gt["images"] = [image for image in gt["images"] if image["id"] in evaluator.image_ids]
+    gt["annotations"] = [a for a in gt["annotations"] if a["image_id"] in evaluator.image_ids]
+    stats = evaluate_coco(gt, evaluator.records, iou_type="segm", segm_area=segm_area)
+    for name in ("AP", "APs", "APm", "APl", "ARs", "ARm", "ARl"):
+        assert float(logged[f"val/segm_{name}"]) == pytest.approx(stats[name], abs=1e-6), name

@@ -157,13 +157,13 @@ def test_fit_validate_test_predict_on_demo_ade20k(tmp_path, ade20k_datamodule, b
         assert {f"{stage}/{name}" for name in ("loss", "mIoU", "aAcc", "mAcc")} <= set(metrics)
         assert 0.0 <= metrics[f"{stage}/aAcc"] <= 1.0
     (batch,) = trainer.predict(task, ade20k_datamodule)
-    dataset = ade20k_datamodule.dataset("predict") if hasattr(ade20k_datamodule, "dataset") else None
+    dataset = ade20k_datamodule.dataset("predict")
     assert len(batch["label_maps"]) == 2
     for label_map, image_id in zip(batch["label_maps"], batch["image_id"], strict=True):
         assert label_map.dtype == torch.int64
         assert int(label_map.min()) >= 0 and int(label_map.max()) < NUM_CLASSES
-        if dataset is not None:  # at the original resolution of the label file
-            assert tuple(label_map.shape) == tuple(dataset[image_id][1]["orig_size"])
+        # at the original resolution of the label file
+        assert tuple(label_map.shape) == tuple(dataset[image_id][1]["orig_size"])
     # checkpoints hold plain hyper-parameters only and load back with weights_only=True
     path = tmp_path / "task.ckpt"
     trainer.save_checkpoint(path)

@@ -23,11 +23,20 @@ from visionkit.data.datamodules import (
     BaseDataModule,
     COCODataModule,
     ImageFolderDataModule,
+    ImageFolderInferenceDataModule,
     SeededRandomSampler,
     UnlabeledImageFolderDataModule,
 )
-from visionkit.data.image_folder import ImageFolderClassification, UnlabeledImageFolder
-from visionkit.data.image_io import IMAGE_EXTENSIONS, ImageReadError, read_image, read_label_map
+from visionkit.data.image_folder import ImageFolderClassification, NumberedImageFolder, UnlabeledImageFolder
+from visionkit.data.image_io import (
+    IMAGE_EXTENSIONS,
+    AnnotationSizeError,
+    ExifOrientationMode,
+    ImageReadError,
+    read_exif_orientation,
+    read_image,
+    read_label_map,
+)
 from visionkit.data.presets import classification_transforms, detection_transforms, segmentation_transforms
 from visionkit.data.synthetic import (
     DEMO_KINDS,
@@ -39,7 +48,6 @@ from visionkit.data.synthetic import (
     write_shapes_classification,
     write_shapes_coco,
 )
-from visionkit.utils.constants import CLIP_MEAN, CLIP_STD, IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 from visionkit.data.transforms import (
     CenterCrop,
     Compose,
@@ -53,6 +61,8 @@ from visionkit.data.transforms import (
     ResizeShortestSide,
     ToFloat,
 )
+from visionkit.data.unreadable import SkipUnreadable, UnreadableImagesReport
+from visionkit.utils.constants import CLIP_MEAN, CLIP_STD, IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "ADE20K_CLASSES",
@@ -60,25 +70,29 @@ __all__ = [
     "CLIP_STD",
     "DEMO_KINDS",
     "DEMO_SIZES",
+    "IGNORE_INDEX",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMAGE_EXTENSIONS",
-    "IGNORE_INDEX",
     "SHAPE_CATEGORIES",
     "SHAPE_CLASS_NAMES",
     "ADE20KDataModule",
     "ADE20KDataset",
+    "AnnotationSizeError",
     "BaseDataModule",
     "COCODataModule",
     "COCODataset",
     "COCOFormatError",
     "CenterCrop",
     "Compose",
+    "ExifOrientationMode",
     "ImageFolderClassification",
     "ImageFolderDataModule",
+    "ImageFolderInferenceDataModule",
     "ImageReadError",
     "JointTransform",
     "Normalize",
+    "NumberedImageFolder",
     "PadToMultiple",
     "RandomCrop",
     "RandomHorizontalFlip",
@@ -86,15 +100,18 @@ __all__ = [
     "Resize",
     "ResizeShortestSide",
     "SeededRandomSampler",
+    "SkipUnreadable",
     "ToFloat",
     "UnlabeledImageFolder",
     "UnlabeledImageFolderDataModule",
+    "UnreadableImagesReport",
     "classification_transforms",
     "collate_classification",
     "collate_detection",
     "collate_segmentation",
     "collate_unlabeled",
     "detection_transforms",
+    "read_exif_orientation",
     "read_image",
     "read_label_map",
     "segmentation_transforms",

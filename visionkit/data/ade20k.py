@@ -7,7 +7,6 @@ paired by file stem; 20,210 training and 2,000 validation images, 150 classes. A
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from visionkit.data.image_io import IMAGE_EXTENSIONS, read_image, read_label_map
+from visionkit.data.image_io import IMAGE_EXTENSIONS, AnnotatedImageReader, ExifOrientationMode, read_label_map
 from visionkit.utils.constants import IGNORE_INDEX
 
 __all__ = ["ADE20K_CLASSES", "ADE20KDataset"]
@@ -56,17 +55,22 @@ class ADE20KDataset(Dataset):
     values are kept: 0..150 with ``class_names[0] == "other"``. A stored value above 150 raises ``ValueError``
     naming the file when the item is loaded.
 
-    The image is read upright (EXIF orientation applied, as OpenCV-based loaders do) and the label map as stored;
-    should the two sizes differ only by that rotation, the raw image pixels are used (with a warning).
+    The label map is read as stored. The image's EXIF orientation tag is handled by ``exif_orientation``
+    (:mod:`visionkit.data.image_io`): ADE20K's label maps were drawn on the stored pixels, so ``"auto"`` reads a
+    tagged image as stored when its stored size equals the label map's (square and 180° images included), else
+    upright when that size matches, with one warning per dataset. A size that fits neither raises ``ValueError``
+    naming both files.
 
     Args:
         root: The ``ADEChallengeData2016`` folder.
         split: ``"training"`` / ``"train"`` or ``"validation"`` / ``"val"``.
         transforms: Joint image/target transform.
         reduce_zero_label: Map 0 → 255 and k → k - 1.
+        exif_orientation: ``"auto"``, ``"stored"`` (always the stored pixels) or ``"upright"`` (always the tag
+            applied) for images with an EXIF orientation tag.
 
     Raises:
-        ValueError: An unknown split.
+        ValueError: An unknown split or ``exif_orientation``.
         FileNotFoundError: A missing folder, no images, or an image without its annotation (or the reverse);
             the message names the file.
     """
@@ -79,11 +83,14 @@ class ADE20KDataset(Dataset):
         split: str = "training",
         transforms: Transforms | None = None,
         reduce_zero_label: bool = True,
+        exif_orientation: ExifOrientationMode = "auto",
     ) -> None:
         if split not in _SPLITS:
             raise ValueError(f"unknown ADE20K split {split!r}; expected one of {sorted(_SPLITS)}")
         self.root = Path(root)
         self.split = _SPLITS[split]
+        self.exif_orientation = exif_orientation
+        self._image_reader = AnnotatedImageReader(exif_orientation, owner=f"ADE20KDataset({self.root}, {self.split})")
         self.transforms = transforms
         self.reduce_zero_label = reduce_zero_label
         self.class_names: list[str] = list(ADE20K_CLASSES) if reduce_zero_label else ["other", *ADE20K_CLASSES]
@@ -136,20 +143,8 @@ class ADE20KDataset(Dataset):
 
     def _load(self, image_path: Path, annotation_path: Path) -> tuple[torch.Tensor, torch.Tensor]:
         label_map = read_label_map(annotation_path)
-        image = read_image(image_path)
-        if image.shape[1:] != label_map.shape:
-            raw = read_image(image_path, apply_exif_orientation=False)
-            if raw.shape[1:] != label_map.shape:
-                raise ValueError(
-                    f"image {image_path} is {tuple(image.shape[1:])} (H, W) but its label map {annotation_path} is "
-                    f"{tuple(label_map.shape)}"
-                )
-            warnings.warn(
-                f"{image_path}: the EXIF orientation changes the size to {tuple(image.shape[1:])}, unlike the label "
-                f"map {annotation_path}; using the raw stored pixels",
-                stacklevel=3,
-            )
-            image = raw
+        size = (int(label_map.shape[0]), int(label_map.shape[1]))
+        image = self._image_reader(image_path, size, f"its label map {annotation_path}")
         return image, label_map
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:

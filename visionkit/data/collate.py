@@ -29,7 +29,6 @@ __all__ = [
 Batch = Sequence[tuple[Tensor, dict[str, Any]]]
 
 
-
 def _describe(target: dict[str, Any], index: int) -> str:
     return f"sample {index}" + (f" (image_id={target['image_id']})" if "image_id" in target else "")
 

@@ -9,6 +9,10 @@ order and (with ``visionkit.tasks.callbacks.ReseedEveryEpoch``) the same augment
 or without workers: Lightning creates the resumed epoch's iterator before it calls ``set_epoch``, so the loader starts
 at the restored epoch count. That holds as long as nothing asks for the training loader before Lightning restores the
 loops (``BaseTask`` reads ``estimated_stepping_batches`` only at the first optimiser step for this reason).
+
+``skip_unreadable=True`` wraps the training split in :class:`~visionkit.data.unreadable.SkipUnreadable` (an
+unreadable image is replaced by the next readable item, deterministically, so the above still holds) and adds an
+:class:`~visionkit.data.unreadable.UnreadableImagesReport` to the trainer, which warns at each epoch end with the count.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from visionkit.data.collate import collate_detection
 from visionkit.data.synthetic import write_demo_data
+from visionkit.data.unreadable import SkipUnreadable, UnreadableImagesReport
 
 __all__ = ["BaseDataModule", "SeededRandomSampler"]
 
@@ -87,6 +92,10 @@ class BaseDataModule(pl.LightningDataModule):
         generate_demo: Write the synthetic demo dataset of this datamodule's kind (``visionkit.data.synthetic``) into
             ``data_root`` in ``prepare_data`` if it is not there yet (the quickstart uses it); ``data_root`` must then
             be a ``<demo root>/<kind>`` folder, e.g. ``data/demo/coco``.
+        skip_unreadable: In the training split, replace an image that cannot be read (a corrupt, truncated or
+            missing file) by the next readable one instead of stopping, with a warning naming the file and, at each
+            epoch end, one with the count (:mod:`visionkit.data.unreadable`). Off by default: the first unreadable
+            image stops the run with an error naming it. Validation, test and predict always stop.
     """
 
     #: Which demo set (``visionkit.data.synthetic.DEMO_KINDS``) ``generate_demo`` writes; None: no demo set.
@@ -111,6 +120,7 @@ class BaseDataModule(pl.LightningDataModule):
         drop_last: bool = False,
         seed: int | None = None,
         generate_demo: bool = False,
+        skip_unreadable: bool = False,
     ) -> None:
         super().__init__()
         if batch_size < 1 or (val_batch_size is not None and val_batch_size < 1):
@@ -128,7 +138,9 @@ class BaseDataModule(pl.LightningDataModule):
         self.drop_last = drop_last
         self.seed = seed
         self.generate_demo = generate_demo
+        self.skip_unreadable = skip_unreadable
         self.datasets: dict[str, Dataset] = {}
+        self._skipping: dict[str, SkipUnreadable] = {}  # one wrapper per split, kept across loader rebuilds
 
     def build_dataset(self, split: str) -> Dataset:
         """Construct the dataset of ``split`` (one of ``train``, ``val``, ``test``, ``predict``) with its transforms."""
@@ -205,8 +217,21 @@ class BaseDataModule(pl.LightningDataModule):
             )
         return self.datasets[split]
 
-    def _loader(self, split: str, train: bool = False) -> DataLoader:
+    def _skipping_dataset(self, split: str) -> SkipUnreadable:
+        """The :class:`SkipUnreadable` view of ``split``, with its epoch-end report registered on the trainer."""
         dataset = self.dataset(split)
+        wrapper = self._skipping.get(split)
+        if wrapper is None or wrapper.dataset is not dataset:
+            wrapper = self._skipping[split] = SkipUnreadable(dataset)
+        trainer = self.trainer
+        if trainer is not None and not any(
+            isinstance(c, UnreadableImagesReport) and c.dataset is wrapper for c in trainer.callbacks
+        ):
+            trainer.callbacks.append(UnreadableImagesReport(wrapper))
+        return wrapper
+
+    def _loader(self, split: str, train: bool = False) -> DataLoader:
+        dataset = self._skipping_dataset(split) if train and self.skip_unreadable else self.dataset(split)
         sampler = None
         if train:
             seed = self.seed if self.seed is not None else torch.initial_seed()

@@ -1,4 +1,5 @@
-"""LightningDataModules for COCO, ADE20K, image-folder classification and unlabeled image folders (pretraining).
+"""LightningDataModules for COCO, ADE20K, image-folder classification, unlabeled image folders (pretraining) and
+image folders for inference.
 
 Every ``__init__`` argument is a plain, typed value, so each datamodule can be configured from YAML through
 ``visionkit.cli`` (``data.class_path: COCODataModule`` plus ``init_args``), and the saved hyper-parameters keep
@@ -18,7 +19,8 @@ from visionkit.data.ade20k import ADE20KDataset
 from visionkit.data.coco import COCODataset
 from visionkit.data.collate import collate_classification, collate_detection, collate_segmentation, collate_unlabeled
 from visionkit.data.datamodule_base import BaseDataModule, SeededRandomSampler
-from visionkit.data.image_folder import ImageFolderClassification, UnlabeledImageFolder
+from visionkit.data.image_folder import ImageFolderClassification, NumberedImageFolder, UnlabeledImageFolder
+from visionkit.data.image_io import ExifOrientationMode
 from visionkit.data.presets import classification_transforms, detection_transforms, segmentation_transforms
 from visionkit.utils.constants import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 
@@ -26,6 +28,7 @@ __all__ = [
     "ADE20KDataModule",
     "BaseDataModule",
     "COCODataModule",
+    "ImageFolderInferenceDataModule",
     "ImageFolderDataModule",
     "SeededRandomSampler",
     "UnlabeledImageFolderDataModule",
@@ -58,7 +61,14 @@ class COCODataModule(BaseDataModule):
         normalize: Standardise images with ``mean``/``std`` instead of returning ``[0, 1]`` floats.
         mean: Per-channel mean for ``normalize``.
         std: Per-channel standard deviation for ``normalize``.
-        **kwargs: Loader settings of :class:`BaseDataModule` (``batch_size``, ``num_workers``, ``seed``, ...).
+        exif_orientation: Frame of images with an EXIF orientation tag: ``"auto"`` (stored pixels when their size
+            matches the JSON's ``height``/``width``, else upright), ``"stored"`` or ``"upright"``
+            (see :class:`~visionkit.data.coco.COCODataset`).
+        stored_eval_images: The val / test / predict items are the images as stored: ``uint8`` ``(3, H, W)`` at the
+            original size, no resize or normalisation (training-free methods such as Zip preprocess the pixels
+            themselves); training is unaffected.
+        **kwargs: Loader settings of :class:`BaseDataModule` (``batch_size``, ``num_workers``, ``seed``,
+            ``skip_unreadable``, ...).
     """
 
     collate_fn = staticmethod(collate_detection)
@@ -82,6 +92,8 @@ class COCODataModule(BaseDataModule):
         normalize: bool = False,
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
+        exif_orientation: ExifOrientationMode = "auto",
+        stored_eval_images: bool = False,
         **kwargs: Any,
     ) -> None:
         if (test_images is None) != (test_ann is None):
@@ -102,15 +114,19 @@ class COCODataModule(BaseDataModule):
         """Construct the ``COCODataset`` of ``split`` with its transforms."""
         hp = self.hparams
         train = split == "train"
-        transforms = detection_transforms(
-            train,
-            short_side=hp.short_side,
-            max_size=hp.max_size,
-            train_short_sides=hp.train_short_sides,
-            flip_prob=hp.flip_prob,
-            normalize=hp.normalize,
-            mean=hp.mean,
-            std=hp.std,
+        transforms = (
+            None
+            if not train and hp.stored_eval_images
+            else detection_transforms(
+                train,
+                short_side=hp.short_side,
+                max_size=hp.max_size,
+                train_short_sides=hp.train_short_sides,
+                flip_prob=hp.flip_prob,
+                normalize=hp.normalize,
+                mean=hp.mean,
+                std=hp.std,
+            )
         )
         images, ann_file = self.split_paths[split]
         return COCODataset(
@@ -119,6 +135,7 @@ class COCODataModule(BaseDataModule):
             transforms=transforms,
             with_masks=hp.with_masks,
             filter_empty=train and hp.filter_empty_train,
+            exif_orientation=hp.exif_orientation,
         )
 
     def check_compatible(self, split: str, dataset: Any, other_split: str, other: Any) -> None:
@@ -170,7 +187,11 @@ class ADE20KDataModule(BaseDataModule):
         size_divisor: Pad batches to a multiple of this many pixels (a backbone's stride; 0 or 1 disables).
         mean: Per-channel mean.
         std: Per-channel standard deviation.
-        **kwargs: Loader settings of :class:`BaseDataModule` (``batch_size``, ``num_workers``, ``seed``, ...).
+        exif_orientation: Frame of images with an EXIF orientation tag: ``"auto"`` (stored pixels when their size
+            matches the label map's, else upright), ``"stored"`` or ``"upright"``
+            (see :class:`~visionkit.data.ade20k.ADE20KDataset`).
+        **kwargs: Loader settings of :class:`BaseDataModule` (``batch_size``, ``num_workers``, ``seed``,
+            ``skip_unreadable``, ...).
     """
 
     ignore_index: ClassVar[int] = IGNORE_INDEX
@@ -189,6 +210,7 @@ class ADE20KDataModule(BaseDataModule):
         size_divisor: int = 32,
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
+        exif_orientation: ExifOrientationMode = "auto",
         **kwargs: Any,
     ) -> None:
         data_root = str(data_root)  # saved hyper-parameters must stay plain values (no Path) for weights-only loading
@@ -216,7 +238,13 @@ class ADE20KDataModule(BaseDataModule):
         ade_split = "training" if split == "train" else "validation"
         # Resolved here, not in __init__: with generate_demo the folder only exists after prepare_data.
         root = _ade20k_folder(self.data_root)
-        return ADE20KDataset(root, ade_split, transforms=transforms, reduce_zero_label=hp.reduce_zero_label)
+        return ADE20KDataset(
+            root,
+            ade_split,
+            transforms=transforms,
+            reduce_zero_label=hp.reduce_zero_label,
+            exif_orientation=hp.exif_orientation,
+        )
 
 
 class ImageFolderDataModule(BaseDataModule):
@@ -239,7 +267,8 @@ class ImageFolderDataModule(BaseDataModule):
         flip_prob: Training horizontal-flip probability.
         mean: Per-channel mean.
         std: Per-channel standard deviation.
-        **kwargs: Loader settings of :class:`BaseDataModule` (``batch_size``, ``num_workers``, ``seed``, ...).
+        **kwargs: Loader settings of :class:`BaseDataModule` (``batch_size``, ``num_workers``, ``seed``,
+            ``skip_unreadable``, ...).
     """
 
     collate_fn = staticmethod(collate_classification)
@@ -308,7 +337,8 @@ class UnlabeledImageFolderDataModule(BaseDataModule):
         flip_prob: Horizontal-flip probability.
         mean: Per-channel mean.
         std: Per-channel standard deviation.
-        **kwargs: Loader settings of :class:`BaseDataModule` (``batch_size``, ``num_workers``, ``seed``, ...).
+        **kwargs: Loader settings of :class:`BaseDataModule` (``batch_size``, ``num_workers``, ``seed``,
+            ``skip_unreadable``, ...).
     """
 
     collate_fn = staticmethod(collate_unlabeled)
@@ -340,3 +370,35 @@ class UnlabeledImageFolderDataModule(BaseDataModule):
             True, image_size=hp.image_size, scale=hp.scale, flip_prob=hp.flip_prob, mean=hp.mean, std=hp.std
         )
         return UnlabeledImageFolder(self.root, transforms=transforms)
+
+
+class ImageFolderInferenceDataModule(BaseDataModule):
+    """Every image under ``data_root`` as stored, numbered ``1..N``, for ``predict`` of a method that needs no labels.
+
+    Items are :class:`~visionkit.data.image_folder.NumberedImageFolder`'s: ``uint8`` ``(3, H, W)`` at the original size
+    (no resize, no normalisation), batched as lists by ``collate_detection`` (sizes may differ), with targets
+    ``{"image_id", "path", "orig_size"}``; image ``k`` (0-based, in ``UnlabeledImageFolder``'s sorted recursive order)
+    has id ``k + 1``, so its records are valid COCO results (ids >= 1). Only the ``predict`` stage exists: there is no
+    ground truth to validate against.
+
+    Args:
+        data_root: Folder to walk (recursively).
+        **kwargs: Loader settings of :class:`~visionkit.data.BaseDataModule` (``batch_size``, ``val_batch_size``,
+            ``num_workers``, ...); the predict loader uses ``val_batch_size`` (default ``batch_size``).
+    """
+
+    collate_fn = staticmethod(collate_detection)
+    stage_splits: ClassVar[dict[str, tuple[str, ...]]] = {"predict": ("predict",)}
+    # Lightning's own hooks: Lightning checks whether they are overridden to decide that there is no such data.
+    train_dataloader = pl.LightningDataModule.train_dataloader
+    val_dataloader = pl.LightningDataModule.val_dataloader
+    test_dataloader = pl.LightningDataModule.test_dataloader
+
+    def __init__(self, data_root: str, **kwargs: Any) -> None:
+        data_root = str(data_root)  # saved hyper-parameters stay plain values
+        super().__init__(**kwargs)
+        self.root = Path(data_root)
+
+    def build_dataset(self, split: str) -> NumberedImageFolder:
+        """The folder's images (only ``predict`` exists)."""
+        return NumberedImageFolder(self.root)

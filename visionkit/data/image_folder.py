@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from visionkit.data.image_io import IMAGE_EXTENSIONS, read_image
 
-__all__ = ["ImageFolderClassification", "UnlabeledImageFolder"]
+__all__ = ["ImageFolderClassification", "NumberedImageFolder", "UnlabeledImageFolder"]
 
 Transforms = Callable[[torch.Tensor, dict[str, Any]], tuple[torch.Tensor, dict[str, Any]]]
 
@@ -183,3 +183,17 @@ class UnlabeledImageFolder(Dataset):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(root={str(self.root)!r}, images={len(self)})"
+
+
+class NumberedImageFolder(UnlabeledImageFolder):
+    """:class:`UnlabeledImageFolder` with COCO-style ids ``1..N`` and the image's ``orig_size`` in the target.
+
+    Items are ``(image uint8 (3, H, W), {"image_id": index + 1, "path": str, "orig_size": (H, W)})``.
+    """
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Item ``index``: the image as stored and its target."""
+        image, target = super().__getitem__(index)
+        target = {**target, "image_id": int(target["image_id"]) + 1}
+        target.setdefault("orig_size", (int(image.shape[-2]), int(image.shape[-1])))
+        return image, target

@@ -3,6 +3,21 @@
 Pillow does the decoding. :func:`read_image` turns every common mode into 8-bit RGB (rules in its docstring);
 :func:`read_label_map` keeps the stored integers untouched, because a label map's values are class indices,
 not colours.
+
+EXIF orientation: a camera stores the sensor's pixels and an orientation tag (1..8) saying how to turn them upright.
+An annotated dataset must be read in the frame its annotations were made in, which the tag alone does not tell:
+COCO JSON boxes/polygons and ADE20K label maps were drawn on the stored pixels (pycocotools and torchvision read those),
+while photos annotated in a viewer were seen upright. :func:`read_image_for_annotation` decides per image, from the
+tag and the annotation's size, with ``exif_orientation``:
+
+- ``"stored"``: always the stored pixels (the pycocotools / torchvision convention);
+- ``"upright"``: always the tag applied;
+- ``"auto"``: an image without a tag (or tag 1) as it is; a tagged image (2..8) as stored when the stored size equals
+  the annotation's (this covers the square and the 180° / mirrored images, whose sizes cannot tell the frames apart),
+  else upright when that size matches.
+
+A size that matches neither frame is an :class:`AnnotationSizeError` naming the file. :class:`AnnotatedImageReader`
+adds, for a dataset, one warning per dataset (across its DataLoader workers) when ``"auto"`` meets a tagged image.
 """
 
 from __future__ import annotations
@@ -10,12 +25,25 @@ from __future__ import annotations
 import errno
 import warnings
 from pathlib import Path
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageReadError", "read_image", "read_label_map"]
+__all__ = [
+    "EXIF_ORIENTATION_MODES",
+    "IMAGE_EXTENSIONS",
+    "AnnotatedImageReader",
+    "AnnotationSizeError",
+    "ExifDecision",
+    "ExifOrientationMode",
+    "ImageReadError",
+    "read_exif_orientation",
+    "read_image",
+    "read_image_for_annotation",
+    "read_label_map",
+]
 
 # Lower-case suffixes that the folder datasets treat as images (all decodable by Pillow).
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif")
@@ -29,6 +57,41 @@ _DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFE
 
 class ImageReadError(OSError):
     """A file exists but cannot be decoded as an image (corrupt, truncated, not an image, too large)."""
+
+
+class AnnotationSizeError(ValueError):
+    """An image's size matches neither its stored nor (per the EXIF orientation policy) its upright frame."""
+
+
+#: How an annotated dataset treats the EXIF orientation tag (see the module docstring).
+ExifOrientationMode = Literal["auto", "stored", "upright"]
+EXIF_ORIENTATION_MODES: tuple[str, ...] = ("auto", "stored", "upright")
+_ORIENTATION_TAG = 0x0112  # EXIF Orientation
+_ORIENTATION_NAMES = {
+    2: "mirrored left-right",
+    3: "rotated 180°",
+    4: "mirrored top-bottom",
+    5: "transposed",
+    6: "rotated 90° clockwise",
+    7: "transversed",
+    8: "rotated 90° counter-clockwise",
+}
+
+
+class ExifDecision(NamedTuple):
+    """What :func:`read_image_for_annotation` did with one image.
+
+    Attributes:
+        orientation: The EXIF orientation tag, 1 when absent or not one of 1..8.
+        applied: Whether the tag was applied (the pixels are upright rather than as stored).
+        stored_size: ``(H, W)`` of the stored pixels.
+        upright_size: ``(H, W)`` once the tag is applied (``stored_size`` swapped for tags 5..8).
+    """
+
+    orientation: int
+    applied: bool
+    stored_size: tuple[int, int]
+    upright_size: tuple[int, int]
 
 
 def _open_decoded(path: str | Path) -> Image.Image:
@@ -109,6 +172,166 @@ def read_image(path: str | Path, *, apply_exif_orientation: bool = True) -> torc
             raise ImageReadError(f"cannot apply the EXIF orientation of {path}: {error}") from error
     array = _to_rgb_array(image, path)
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+
+def read_exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation tag of a decoded Pillow image: 2..8 when it turns the pixels, else 1.
+
+    Args:
+        image: An image from ``Image.open`` (or a copy of one, which keeps its EXIF block).
+
+    Returns:
+        The tag; 1 when there is none, when it is not an integer in 1..8, or when the EXIF block does not parse.
+    """
+    try:
+        value = image.getexif().get(_ORIENTATION_TAG, 1)
+    except _DECODE_ERRORS:  # a damaged EXIF block: the pixels themselves decoded, so read them as stored
+        return 1
+    return value if type(value) is int and value in _ORIENTATION_NAMES else 1
+
+
+def _orientation_text(orientation: int) -> str:
+    return f"EXIF orientation {orientation}: {_ORIENTATION_NAMES[orientation]}"
+
+
+def read_image_for_annotation(
+    path: str | Path,
+    annotation_size: tuple[int, int],
+    exif_orientation: ExifOrientationMode = "auto",
+    reference: str = "the annotation",
+) -> tuple[torch.Tensor, ExifDecision]:
+    """Read an annotated image in the frame its annotations were made in (rules in the module docstring).
+
+    The file is decoded once; the tag is applied only when the policy picks the upright frame.
+
+    Args:
+        path: Image file.
+        annotation_size: ``(H, W)`` the annotations were made at (COCO ``height``/``width``, a label map's shape).
+        exif_orientation: ``"auto"``, ``"stored"`` or ``"upright"``.
+        reference: Where ``annotation_size`` comes from, for messages, e.g. ``"image id 7 in instances.json"``.
+
+    Returns:
+        The uint8 ``(3, H, W)`` RGB pixels, ``(H, W) == annotation_size``, and what was decided.
+
+    Raises:
+        ValueError: An unknown ``exif_orientation``.
+        FileNotFoundError: ``path`` does not exist.
+        ImageReadError: The file cannot be decoded.
+        AnnotationSizeError: The size the policy allows differs from ``annotation_size`` (the message names the file,
+            both sizes and, for a tagged image, which other policy would fit).
+    """
+    if exif_orientation not in EXIF_ORIENTATION_MODES:
+        raise ValueError(f"exif_orientation must be one of {EXIF_ORIENTATION_MODES}, got {exif_orientation!r}")
+    path = Path(path)
+    expected = (int(annotation_size[0]), int(annotation_size[1]))
+    image = _open_decoded(path)
+    orientation = read_exif_orientation(image)
+    stored = (image.height, image.width)
+    upright = stored[::-1] if orientation >= 5 else stored
+    if orientation == 1:
+        apply = False
+    elif exif_orientation == "auto":
+        apply = stored != expected and upright == expected
+    else:
+        apply = exif_orientation == "upright"
+    size = upright if apply else stored
+    if size != expected:
+        raise AnnotationSizeError(
+            _mismatch_message(path, orientation, stored, upright, expected, exif_orientation, reference)
+        )
+    if apply:
+        try:
+            image = ImageOps.exif_transpose(image)
+        except _DECODE_ERRORS as error:
+            raise ImageReadError(f"cannot apply the EXIF orientation of {path}: {error}") from error
+    array = _to_rgb_array(image, path)
+    pixels = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+    return pixels, ExifDecision(orientation, apply, stored, upright)
+
+
+def _mismatch_message(
+    path: Path,
+    orientation: int,
+    stored: tuple[int, int],
+    upright: tuple[int, int],
+    expected: tuple[int, int],
+    mode: str,
+    reference: str,
+) -> str:
+    if orientation == 1 or stored == upright:
+        sizes = f"{stored}"
+    else:
+        sizes = f"{stored} as stored, {upright} upright ({_orientation_text(orientation)})"
+    message = f"{path}: decoded image size (H, W) = {sizes} differs from the size {expected} that {reference} gives"
+    if mode == "upright" and stored == expected:
+        message += "; the stored pixels match it: use exif_orientation='auto' or 'stored'"
+    elif mode == "stored" and upright == expected:
+        message += "; the upright image matches it: use exif_orientation='auto' or 'upright'"
+    return message
+
+
+class AnnotatedImageReader:
+    """:func:`read_image_for_annotation` for one dataset, warning once per dataset when ``"auto"`` meets a tag.
+
+    The warning says which file, what was decided and why, and that every other tagged image of the dataset is decided
+    the same way without a warning. The "already warned" flag is a one-byte tensor in shared memory, so the
+    dataset's DataLoader workers (forked or spawned, persistent or not) share it: one warning per dataset, not one per
+    worker and epoch. ``"stored"`` and ``"upright"`` are explicit choices and do not warn.
+
+    Args:
+        exif_orientation: ``"auto"``, ``"stored"`` or ``"upright"`` (see the module docstring).
+        owner: How the warning names the dataset, e.g. ``"COCODataset(annotations/instances_train2017.json)"``.
+
+    Raises:
+        ValueError: An unknown ``exif_orientation``.
+    """
+
+    def __init__(self, exif_orientation: ExifOrientationMode = "auto", owner: str = "dataset") -> None:
+        if exif_orientation not in EXIF_ORIENTATION_MODES:
+            raise ValueError(f"exif_orientation must be one of {EXIF_ORIENTATION_MODES}, got {exif_orientation!r}")
+        self.exif_orientation = exif_orientation
+        self.owner = owner
+        self._warned = torch.zeros(1, dtype=torch.uint8).share_memory_()
+
+    def __call__(self, path: str | Path, annotation_size: tuple[int, int], reference: str) -> torch.Tensor:
+        """The pixels ``(3, H, W)`` uint8 of ``path`` in its annotations' frame (see :func:`read_image_for_annotation`).
+
+        Args:
+            path: Image file.
+            annotation_size: ``(H, W)`` of the annotations.
+            reference: Where that size comes from, for messages.
+
+        Returns:
+            The pixels, ``(H, W) == annotation_size``.
+        """
+        pixels, decision = read_image_for_annotation(path, annotation_size, self.exif_orientation, reference)
+        if decision.orientation != 1 and self.exif_orientation == "auto" and not int(self._warned[0]):
+            self._warned[0] = 1
+            warnings.warn(self._auto_message(Path(path), decision, reference), stacklevel=2)
+        return pixels
+
+    def _auto_message(self, path: Path, decision: ExifDecision, reference: str) -> str:
+        tag = _orientation_text(decision.orientation)
+        if decision.applied:
+            what = (
+                f"the stored size {decision.stored_size} differs from the size {decision.upright_size} that "
+                f"{reference} gives, but the upright image ({tag}) matches it; using the upright image"
+            )
+        elif decision.stored_size != decision.upright_size:
+            what = (
+                f"the EXIF orientation changes the size to {decision.upright_size} ({tag}) but {reference} gives "
+                f"{decision.stored_size}; using the stored pixels, which match the annotations"
+            )
+        else:
+            what = (
+                f"{tag} keeps the size {decision.stored_size} that {reference} gives, so the sizes cannot tell the two "
+                "frames apart; using the stored pixels, which annotation tools for COCO JSON and label maps work on"
+            )
+        return (
+            f"{self.owner}: {path}: {what}. exif_orientation='auto' reads every image with an EXIF orientation tag "
+            "this way (the stored pixels when their size matches the annotation, else upright); this warning is shown "
+            "once per dataset. Set exif_orientation='stored' or 'upright' to decide explicitly."
+        )
 
 
 def read_label_map(path: str | Path) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """K-means as Zip's released code runs it (its boundary prior over dense CLIP-ResNet features), vectorised.
 
-The released ``zip_utils.py`` (``ChengShiest/Zip-Your-CLIP`` at ``c54c646``; ``shared/reference/zip.md`` §4) clusters
+The released ``zip_utils.py`` (``ChengShiest/Zip-Your-CLIP`` at ``c54c646``; ``docs/methods/zip.md`` §4) clusters
 the ``(h·w, 2048)`` RN50x64 layer3 features with a hand-written loop:
 
 * initial centroids: the feature rows at ``round(linspace(0, h·w − 1, k))`` (float32 ``linspace``, round half to even,

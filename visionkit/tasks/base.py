@@ -15,11 +15,15 @@ Conventions every task keeps:
 - ``freeze_backbone=True`` (linear probing) sets ``requires_grad=False`` on every backbone parameter and keeps the
   backbone in eval mode during training (batch-norm statistics and dropout frozen too);
 - ``layer_decay`` (ViTs) gives the backbone's parameter groups timm's layer-wise learning-rate scales
-  (``timm.optim.param_groups_layer_decay`` over the backbone's ``group_matcher``); every other parameter has scale 1.
+  (``timm.optim.param_groups_layer_decay`` over the backbone's ``group_matcher``); every other parameter has scale 1;
+- weight decay spares what any module of the task declares exempt (``no_weight_decay()``,
+  ``no_weight_decay_keywords()``, ``param._no_weight_decay``; see :func:`~visionkit.tasks.optim.no_weight_decay_ids`),
+  matched by parameter identity, with or without ``layer_decay``, wherever the backbone sits in the task.
 """
 
 from __future__ import annotations
 
+import glob
 import inspect
 from typing import Any, ClassVar
 
@@ -31,7 +35,7 @@ from timm.optim import param_groups_layer_decay
 from torch import nn
 
 from visionkit.tasks.backbone import resolve_backbone
-from visionkit.tasks.optim import build_adamw, param_groups_weight_decay, warmup_cosine_factor
+from visionkit.tasks.optim import build_adamw, no_weight_decay_ids, param_groups_weight_decay, warmup_cosine_factor
 
 __all__ = ["BaseTask"]
 
@@ -46,7 +50,8 @@ class BaseTask(pl.LightningModule):
 
     Args:
         lr: Base learning rate.
-        weight_decay: AdamW weight decay (biases, norms and tokens are not decayed).
+        weight_decay: AdamW weight decay (biases, norms, tokens and every parameter that a module of the task lists
+            in ``no_weight_decay()`` / ``no_weight_decay_keywords()`` are not decayed).
         warmup_steps: Optimiser steps of linear warm-up.
         min_lr_ratio: Learning rate at the last step, as a fraction of ``lr``.
         betas: AdamW betas.
@@ -70,6 +75,8 @@ class BaseTask(pl.LightningModule):
     mode: ClassVar[str] = "min"
     #: Further ``__init__`` arguments that are not hyper-parameters (module arguments are left out automatically).
     ignore: ClassVar[tuple[str, ...]] = ()
+    #: Whether ``fit`` applies: ``False`` for a training-free method (it runs validate / test / predict only).
+    trainable: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -150,8 +157,10 @@ class BaseTask(pl.LightningModule):
         """Parameter groups for the optimiser (frozen parameters left out); override for other learning rates.
 
         Without ``layer_decay``: one decayed and one non-decayed group over all parameters, ``lr_scale`` 1. With it:
-        timm's layer-wise groups over ``self.backbone`` (``lr_scale`` per layer, the backbone's ``no_weight_decay()``
-        names not decayed), then the decayed / non-decayed groups of every other parameter with ``lr_scale`` 1.
+        timm's layer-wise groups over ``self.backbone`` (``lr_scale`` per layer), then the decayed / non-decayed
+        groups of every other parameter with ``lr_scale`` 1. In both, the parameters that any module of the task
+        declares exempt (:func:`~visionkit.tasks.optim.no_weight_decay_ids`: the backbone's ``no_weight_decay()``
+        names, relative to the backbone, wherever it sits) are in a group with ``weight_decay`` 0.
 
         Returns:
             Groups with ``params``, ``weight_decay`` and ``lr_scale``.
@@ -161,8 +170,9 @@ class BaseTask(pl.LightningModule):
         """
         weight_decay = float(self.hparams.weight_decay)
         layer_decay = self.hparams.get("layer_decay")
+        exempt = no_weight_decay_ids(self)
         if layer_decay is None:
-            return param_groups_weight_decay(self.named_parameters(), weight_decay)
+            return param_groups_weight_decay(self.named_parameters(), weight_decay, no_decay_ids=exempt)
         backbone = self._require_backbone("layer_decay")
         if not callable(getattr(backbone, "group_matcher", None)):
             raise ValueError(
@@ -170,12 +180,10 @@ class BaseTask(pl.LightningModule):
                 f"{type(backbone).__module__}.{type(backbone).__qualname__} has none. Use a timm/visionkit model or "
                 "set layer_decay to null."
             )
-        no_weight_decay = getattr(backbone, "no_weight_decay", None)
+        # timm matches names with fnmatch: the exempt parameters' own names, escaped, select exactly them.
+        exempt_names = [glob.escape(name) for name, param in backbone.named_parameters() if id(param) in exempt]
         backbone_groups = param_groups_layer_decay(
-            backbone,
-            weight_decay=weight_decay,
-            no_weight_decay_list=tuple(no_weight_decay()) if callable(no_weight_decay) else (),
-            layer_decay=float(layer_decay),
+            backbone, weight_decay=weight_decay, no_weight_decay_list=exempt_names, layer_decay=float(layer_decay)
         )
         get_classifier = getattr(backbone, "get_classifier", None)
         classifier = get_classifier() if callable(get_classifier) else None
@@ -187,7 +195,7 @@ class BaseTask(pl.LightningModule):
                 group["lr_scale"] *= float(layer_decay)
         backbone_ids = {id(p) for p in backbone.parameters()}
         others = ((name, p) for name, p in self.named_parameters() if id(p) not in backbone_ids)
-        return [*backbone_groups, *param_groups_weight_decay(others, weight_decay)]
+        return [*backbone_groups, *param_groups_weight_decay(others, weight_decay, no_decay_ids=exempt)]
 
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW and a per-step warm-up + cosine ``LambdaLR`` spanning ``trainer.estimated_stepping_batches``.

@@ -6,22 +6,32 @@
   ``(seed, epoch)``. Lightning does not store random-generator states in checkpoints, so without it a run resumed from
   the end of epoch ``e`` would draw different augmentations, shuffles and dropout masks than the uninterrupted run; with
   it, ``fit`` for 2 epochs and ``fit`` for 1 epoch + ``--ckpt_path last`` give the same weights on CPU.
+- :func:`checkpoint_problem` tells whether a checkpoint file is intact before a run resumes from it (a file damaged
+  by a disk error, a copy cut short or a save from an older, non-atomic writer), and :func:`intact_checkpoints_near`
+  lists the checkpoints next to a damaged one that could be used instead; ``visionkit.cli`` uses both.
 """
 
 from __future__ import annotations
 
 import os
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.fabric.utilities.seed import seed_everything
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from visionkit.weights import atomic_torch_save
 
-__all__ = ["AtomicCheckpointIO", "ReseedEveryEpoch"]
+__all__ = ["AtomicCheckpointIO", "ReseedEveryEpoch", "checkpoint_problem", "intact_checkpoints_near"]
+
+#: Checkpoints next to a damaged one that :func:`intact_checkpoints_near` checks at most (newest first); each check
+#: reads the whole file once.
+MAX_CHECKED_NEIGHBOURS = 10
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -62,3 +72,84 @@ class ReseedEveryEpoch(pl.Callback):
             return
         # Different ranks keep different streams, as after seed_everything with DDP (the sampler splits the data).
         seed_everything(int(seed) + 1000 * trainer.current_epoch + trainer.global_rank, workers=True, verbose=False)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
+def _zip_problem(path: Path) -> str | None:
+    """Read every member of a zip checkpoint and check its CRC-32; a description of the damage, or ``None``.
+
+    ``torch.load`` checks no CRC: a tensor overwritten with garbage loads silently. Members stored with CRC 0
+    (``torch.serialization.config.save.compute_crc32 = False``) are not checked.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.CRC == 0:
+                    continue
+                with archive.open(info) as member:
+                    while member.read(1 << 24):
+                        pass
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as error:
+        return f"its zip archive is damaged ({_first_line(error)})"
+    return None
+
+
+def checkpoint_problem(path: str | os.PathLike[str], weights_only: bool = True) -> str | None:
+    """What is wrong with a Lightning checkpoint file, or ``None`` when it is intact and loads.
+
+    Checks, in order: the file exists and is not empty; a zip checkpoint (what ``torch.save`` writes) is complete and
+    every member matches its CRC-32 (this reads the whole file once); ``torch.load`` (memory-mapped, on the CPU)
+    unpickles it; the result is a dict with a ``state_dict``.
+
+    Args:
+        path: The checkpoint file.
+        weights_only: Passed to ``torch.load`` (as Lightning will load it; ``False`` only for trusted files).
+
+    Returns:
+        A short description of the problem (e.g. ``"the file is empty (0 bytes)"``), or ``None``.
+    """
+    path = Path(path)
+    if not path.exists():
+        return "the file does not exist"
+    if not path.is_file():
+        return "it is not a regular file"
+    if path.stat().st_size == 0:
+        return "the file is empty (0 bytes)"
+    is_zip = zipfile.is_zipfile(path)
+    if is_zip:
+        problem = _zip_problem(path)
+        if problem is not None:
+            return problem
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only, mmap=is_zip)
+    except Exception as error:  # whatever torch.load raises, the file cannot be resumed from
+        if not is_zip:  # torch.save writes a zip archive, whose directory sits at the end of the file
+            return "it is truncated or not a PyTorch checkpoint (torch.save's zip directory at its end is missing)"
+        return f"torch.load fails ({_first_line(error)})"
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        return "it is not a Lightning checkpoint (no 'state_dict' entry)"
+    return None
+
+
+def intact_checkpoints_near(path: str | os.PathLike[str], weights_only: bool = True) -> tuple[list[Path], int]:
+    """The intact ``*.ckpt`` files in the folder of ``path`` (``path`` itself excluded), newest first.
+
+    Args:
+        path: A (damaged) checkpoint file.
+        weights_only: Passed to :func:`checkpoint_problem`.
+
+    Returns:
+        The intact files among the :data:`MAX_CHECKED_NEIGHBOURS` newest, and the number of older ones not checked.
+    """
+    path = Path(path)
+    try:
+        others = [p for p in path.parent.glob("*.ckpt") if p.is_file() and p.resolve() != path.resolve()]
+    except OSError:
+        return [], 0
+    others.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    checked, unchecked = others[:MAX_CHECKED_NEIGHBOURS], len(others) - min(len(others), MAX_CHECKED_NEIGHBOURS)
+    return [p for p in checked if checkpoint_problem(p, weights_only) is None], unchecked

@@ -9,25 +9,23 @@ torchvision normalises the images itself (``image_mean``/``image_std``: ImageNet
 ``min_size``/``max_size``; its labels are ``1..C`` (0 is the background), converted both ways here.
 
 Evaluation pastes every detection's box and mask at the image's ``orig_size`` and scores them against the
-datamodule's ground-truth JSON with :class:`~visionkit.eval.COCOEvaluator` (built lazily, once per split). Logged:
-``train/loss`` and each ``train/loss_<part>``; ``val/bbox_AP``, ``val/segm_AP50``, ... (the 12 COCO stats of both IoU
-types), ``val/<type>_AP/<class>`` (and ``test/...``). The COCO tables are printed on rank 0, and a PNG of the
+datamodule's ground-truth JSON through :class:`~visionkit.tasks.coco_evaluation.COCOEvaluationMixin` (a
+:class:`~visionkit.eval.COCOEvaluator` built lazily, once per split; the segm size split follows ``coco_segm_area``).
+Logged: ``train/loss`` and each ``train/loss_<part>``; ``val/bbox_AP``, ``val/segm_AP50``, ... (the 12 COCO stats of
+both IoU types), ``val/<type>_AP/<class>`` (and ``test/...``). The COCO tables are printed on rank 0, and a PNG of the
 predictions on the first ``num_vis_images`` validation images is written after every validation.
 ``predict`` writes the COCO result records to ``predictions_path``, the file ``tools/eval.py coco --results`` reads.
 """
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from visionkit.eval import COCOEvaluator, coco_result_records, format_coco_table
 from visionkit.models.heads.maskrcnn import (
     DEFAULT_ANCHOR_SIZES,
     build_maskrcnn,
@@ -39,18 +37,17 @@ from visionkit.models.heads.maskrcnn import (
 from visionkit.models.heads.pyramid import build_multiscale_backbone
 from visionkit.tasks.backbone import load_checkpoint_into
 from visionkit.tasks.base import BaseTask
-from visionkit.utils import IMAGENET_MEAN, IMAGENET_STD, gather_to_rank0, write_json_atomic
+from visionkit.tasks.coco_evaluation import COCOEvaluationMixin
+from visionkit.utils import IMAGENET_MEAN, IMAGENET_STD
 from visionkit.viz import image_grid, overlay_instances, save_png
 from visionkit.weights import DEFAULT_STRIP_PREFIXES
 
 __all__ = ["InstanceSegmentationTask"]
 
 Batch = tuple[list[Tensor], list[dict[str, Any]]]
-#: Split whose ground truth each evaluation stage reads from the datamodule.
-STAGE_SPLITS: dict[str, str] = {"val": "val", "test": "test"}
 
 
-class InstanceSegmentationTask(BaseTask):
+class InstanceSegmentationTask(COCOEvaluationMixin, BaseTask):
     """Mask R-CNN with an FPN on a backbone from :func:`visionkit.create_model` or injected from YAML.
 
     Args:
@@ -84,6 +81,8 @@ class InstanceSegmentationTask(BaseTask):
             ``box_batch_size_per_image``, ``rpn_pre_nms_top_n_train``, ...).
         predictions_path: Where ``predict`` writes the COCO results JSON; ``None``:
             ``<trainer.default_root_dir>/predictions.json``.
+        coco_segm_area: The area that splits segm AP / AR into small / medium / large: ``"mask"`` (detectron2,
+            default) or ``"box"`` (pycocotools' ``loadRes`` with boxes, mmdet); named in the printed tables.
         num_vis_images: Validation images drawn into ``val_predictions_epoch{N}.png`` (0 disables it).
         vis_score_thresh: Detections drawn in that PNG score at least this.
         lr: Base learning rate.
@@ -121,6 +120,7 @@ class InstanceSegmentationTask(BaseTask):
         drop_loss_iou: float | None = None,
         maskrcnn_kwargs: dict[str, Any] | None = None,
         predictions_path: str | None = None,
+        coco_segm_area: Literal["mask", "box"] = "mask",
         num_vis_images: int = 8,
         vis_score_thresh: float = 0.5,
         lr: float = 1e-4,
@@ -169,10 +169,8 @@ class InstanceSegmentationTask(BaseTask):
             enable_drop_loss(self.model, hp.drop_loss_iou)
         if hp.init_checkpoint is not None:
             load_checkpoint_into(self.model, hp.init_checkpoint, "this Mask R-CNN", ("model.", *DEFAULT_STRIP_PREFIXES))
-        self.evaluators: dict[str, COCOEvaluator] = {}
-        self._evaluator_sources: dict[str, Path] = {}
+        self.init_coco_evaluation()
         self._vis_samples: list[tuple[Tensor, dict[str, Tensor]]] = []
-        self._predict_records: list[dict[str, Any]] = []
 
     @property
     def backbone(self) -> nn.Module:
@@ -225,73 +223,44 @@ class InstanceSegmentationTask(BaseTask):
         return loss
 
     # ------------------------------------------------------------------------------------------------------------
-    # Evaluation
+    # Evaluation (COCOEvaluationMixin) and the validation PNG
     # ------------------------------------------------------------------------------------------------------------
 
-    def _dataset(self, split: str) -> Any:
-        """The dataset of ``split``: from the datamodule, else from the stage's dataloader."""
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None and hasattr(datamodule, "dataset"):
-            return datamodule.dataset(split)
-        loaders = {
-            "val": self.trainer.val_dataloaders,
-            "test": self.trainer.test_dataloaders,
-            "predict": self.trainer.predict_dataloaders,
-        }[split]
-        loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
-        return getattr(loader, "dataset", None)
-
-    def _start_evaluation(self, stage: str) -> None:
-        dataset = self._dataset(STAGE_SPLITS[stage])
-        ann_file = getattr(dataset, "ann_file", None)
-        if ann_file is None:
-            raise ValueError(
-                f"InstanceSegmentationTask needs the {stage} dataset's COCO ground truth (`ann_file` and "
-                f"`contiguous_to_category_id`, as on visionkit.data.COCODataset); got {type(dataset).__name__}"
-            )
-        if self._evaluator_sources.get(stage) != Path(ann_file):
-            self.evaluators[stage] = COCOEvaluator(
-                ann_file, iou_types=("bbox", "segm"), contiguous_to_category_id=dataset.contiguous_to_category_id
-            )
-            self._evaluator_sources[stage] = Path(ann_file)
-        self.evaluators[stage].reset()
-        self._vis_samples = []
-
-    def _evaluation_step(self, batch: Batch, stage: str) -> None:
+    def coco_batch_predictions(self, batch: Batch) -> tuple[list[dict[str, Tensor]], list[int]]:
+        """Detections of one batch pasted at each image's ``orig_size``, and the images' COCO ids."""
         images, targets = batch
         orig_sizes = [tuple(int(v) for v in target["orig_size"]) for target in targets]
-        predictions = self(images, orig_sizes)
-        self.evaluators[stage].update(predictions, [target["image_id"] for target in targets])
-        if stage == "val" and self.trainer.is_global_zero:
-            for image, size, prediction in zip(images, orig_sizes, predictions, strict=True):
-                if len(self._vis_samples) >= self.hparams.num_vis_images:
-                    break
-                resized = F.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False)[0]
-                self._vis_samples.append((resized.cpu(), {k: v.cpu() for k, v in prediction.items()}))
+        return self(images, orig_sizes), [int(target["image_id"]) for target in targets]
 
-    def _end_evaluation(self, stage: str) -> None:
-        if self.trainer.sanity_checking:
-            self._vis_samples = []
+    def on_validation_epoch_start(self) -> None:
+        """Build (once) or reset the validation COCO evaluator."""
+        super().on_validation_epoch_start()
+        self._vis_samples = []
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        """Predict one batch at original image size, hand it to the evaluator, keep the first images for the PNG."""
+        predictions = self.coco_evaluation_step(batch, "val")
+        if not self.trainer.is_global_zero:
             return
-        evaluator = self.evaluators[stage]
-        metrics = evaluator.compute()  # evaluated on rank 0, the same dict on every rank
-        self.log_dict({f"{stage}/{name}": value for name, value in metrics.items()}, sync_dist=False)
-        for iou_type in evaluator.iou_types:
-            rank_zero_info(
-                format_coco_table(
-                    metrics,
-                    title=f"{stage} {iou_type} (epoch {self.current_epoch}, {evaluator.engine})",
-                    prefix=f"{iou_type}_",
-                )
-            )
-        # trainer.log_dir broadcasts from rank 0, so every rank must ask for it (asking on rank 0 alone hangs DDP).
-        output_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
-        if stage == "val" and self.trainer.is_global_zero and self._vis_samples:
-            self._save_visualisation(output_dir)
+        images, targets = batch
+        for image, target, prediction in zip(images, targets, predictions, strict=True):
+            if len(self._vis_samples) >= self.hparams.num_vis_images:
+                break
+            size = tuple(int(v) for v in target["orig_size"])
+            resized = F.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+            self._vis_samples.append((resized.cpu(), {k: v.cpu() for k, v in prediction.items()}))
+
+    def on_validation_epoch_end(self) -> None:
+        """Log the COCO metrics, print the tables and write the predictions PNG (rank 0)."""
+        if self.end_coco_evaluation("val") is not None:
+            # trainer.log_dir broadcasts from rank 0, so every rank must ask for it (asking on rank 0 alone hangs DDP).
+            output_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+            if self.trainer.is_global_zero and self._vis_samples:
+                self._save_visualisation(output_dir)
         self._vis_samples = []
 
     def _save_visualisation(self, output_dir: Path) -> Path:
-        names = list(getattr(self._dataset("val"), "class_names", []) or []) or None
+        names = list(getattr(self.coco_dataset("val"), "class_names", []) or []) or None
         threshold = float(self.hparams.vis_score_thresh)
         panels = []
         for image, prediction in self._vis_samples:
@@ -307,78 +276,3 @@ class InstanceSegmentationTask(BaseTask):
                 )
             )
         return save_png(image_grid(panels), output_dir / f"val_predictions_epoch{self.current_epoch}.png")
-
-    def on_validation_epoch_start(self) -> None:
-        """Build (once) or reset the validation COCO evaluator."""
-        self._start_evaluation("val")
-
-    def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        """Predict one batch at original image size and hand it to the evaluator."""
-        self._evaluation_step(batch, "val")
-
-    def on_validation_epoch_end(self) -> None:
-        """Log the COCO metrics, print the tables and write the predictions PNG (rank 0)."""
-        self._end_evaluation("val")
-
-    def on_test_epoch_start(self) -> None:
-        """Build (once) or reset the test COCO evaluator."""
-        self._start_evaluation("test")
-
-    def test_step(self, batch: Batch, batch_idx: int) -> None:
-        """Predict one batch at original image size and hand it to the evaluator."""
-        self._evaluation_step(batch, "test")
-
-    def on_test_epoch_end(self) -> None:
-        """Log the COCO metrics and print the tables."""
-        self._end_evaluation("test")
-
-    # ------------------------------------------------------------------------------------------------------------
-    # Prediction
-    # ------------------------------------------------------------------------------------------------------------
-
-    def on_predict_epoch_start(self) -> None:
-        """Forget the records of an earlier ``predict`` run."""
-        self._predict_records = []
-
-    def predict_step(self, batch: Batch, batch_idx: int) -> list[dict[str, Any]]:
-        """COCO result records (``image_id``, ``category_id``, ``bbox`` xywh, ``score``, ``segmentation`` RLE)."""
-        images, targets = batch
-        orig_sizes = [tuple(int(v) for v in target["orig_size"]) for target in targets]
-        category_ids = self._category_ids()
-        records: list[dict[str, Any]] = []
-        for target, prediction in zip(targets, self(images, orig_sizes), strict=True):
-            labels = prediction["labels"].tolist()
-            records += coco_result_records(
-                int(target["image_id"]),
-                prediction["scores"],
-                [category_ids(label) for label in labels],
-                boxes=prediction["boxes"],
-                masks=prediction["masks"],
-            )
-        self._predict_records.extend(records)
-        return records
-
-    def _category_ids(self) -> Any:
-        mapping = getattr(self._dataset("predict"), "contiguous_to_category_id", None)
-        if mapping is None:
-            warnings.warn(
-                "the predict dataset has no contiguous_to_category_id; writing category_id = label + 1",
-                stacklevel=3,
-            )
-            return lambda label: int(label) + 1
-        return lambda label: int(mapping[int(label)])
-
-    def on_predict_epoch_end(self) -> None:
-        """Write every process's records (gathered to rank 0) to ``predictions_path`` as a COCO results JSON."""
-        gathered = gather_to_rank0(self._predict_records)
-        if gathered is not None:
-            records = [record for part in gathered for record in part]
-            path = self.predictions_file()
-            write_json_atomic(records, path)
-            rank_zero_info(f"{len(records)} COCO result records written to {path}")
-
-    def predictions_file(self) -> Path:
-        """Where ``predict`` writes its COCO results JSON."""
-        if self.hparams.predictions_path:
-            return Path(self.hparams.predictions_path)
-        return Path(self.trainer.default_root_dir) / "predictions.json"

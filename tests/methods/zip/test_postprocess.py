@@ -1,11 +1,13 @@
-"""Zip post-processing: classification-first rule, geometric-mean score, mask NMS, COCO records."""
+"""Zip post-processing: classification-first rule, geometric-mean score, mask NMS, mask boxes."""
 
 import numpy as np
 import pytest
 import torch
 from pycocotools import mask as mask_utils
 
+from visionkit.eval.rle import encode_masks, rle_to_bbox
 from visionkit.methods.zip.postprocess import (
+    mask_boxes,
     mask_iou,
     mask_nms,
     score_instances,
@@ -52,3 +54,15 @@ def test_mask_nms_greedy_and_per_class():
     assert mask_nms(masks, scores, iou_thresh=0.5, labels=labels).tolist() == [1, 2, 3]
     assert mask_nms(masks[:0], scores[:0]).numel() == 0
 
+
+def test_mask_boxes_are_the_records_bbox():
+    # the tight box of each mask, as pycocotools' toBbox gives it (x2 - x1 = width in pixels); zeros for an empty mask
+    masks = torch.rand(6, 17, 23, generator=torch.Generator().manual_seed(0)) > 0.97
+    masks[2] = False
+    masks[3] = False
+    masks[3, 16, 22] = True
+    boxes = mask_boxes(masks)
+    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).double().tolist()
+    assert xywh == [rle_to_bbox(rle) for rle in encode_masks(masks)]
+    assert boxes[2].tolist() == [0.0, 0.0, 0.0, 0.0] and boxes[3].tolist() == [22.0, 16.0, 23.0, 17.0]
+    assert mask_boxes(masks[:0]).shape == (0, 4)

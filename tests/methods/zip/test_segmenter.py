@@ -4,10 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from tests.models.foundation.test_clip import TINY_RN, TINY_VIT, _random_model
 from visionkit.eval import coco_result_records
 from visionkit.methods.zip.segmenter import SamClipBaseline, ZipConfig, ZipSegmenter
-from visionkit.models.foundation import ClipResNetTrunk, SamAutomaticMasks, SamBoxPrompter, build_clip, build_sam
+from visionkit.models.foundation import ClipResNetTrunk, SamAutomaticMasks, SamBoxPrompter
 
 NAMES = ["circle", "square", "triangle"]
 # a configuration sized for 64-96 px images and the tiny models
@@ -17,13 +16,9 @@ SMALL = ZipConfig(
 
 
 @pytest.fixture(scope="module")
-def parts():
-    torch.manual_seed(0)
-    clip_model = _random_model(TINY_VIT).eval()
-    _, tokenizer = build_clip(TINY_VIT)
-    trunk = ClipResNetTrunk(_random_model(TINY_RN, seed=1).visual).eval()
-    sam = build_sam("vit_test").eval()
-    return clip_model, tokenizer, trunk, sam
+def parts(tiny_clip_vit, tiny_clip_resnet, tiny_sam):
+    clip_model, tokenizer = tiny_clip_vit
+    return clip_model, tokenizer, ClipResNetTrunk(tiny_clip_resnet.visual).eval(), tiny_sam
 
 
 def _image(seed=0, height=72, width=96):

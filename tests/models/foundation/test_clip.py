@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import Compose, InterpolationMode, Normalize, Resize, ToTensor
 
+from tests.models.foundation.tiny_models import TINY_RN, TINY_VIT, random_clip
 from visionkit.models.foundation import (
     ClipResNetTrunk,
     build_clip,
@@ -20,28 +21,6 @@ from visionkit.models.foundation import (
 )
 from visionkit.models.foundation.checkpoints import is_torchscript_archive
 from visionkit.weights import CheckpointMismatchError, save_state_dict
-
-TEXT_CFG = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
-TINY_VIT = {
-    "embed_dim": 16,
-    "quick_gelu": True,
-    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 3, "head_width": 16},
-    "text_cfg": TEXT_CFG,
-}
-TINY_RN = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8, "patch_size": None},
-    "text_cfg": TEXT_CFG,
-}
-
-
-def _random_model(cfg: dict, seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    model, _ = build_clip(cfg)
-    with torch.no_grad():  # open_clip leaves some weights at constant inits; make every tensor distinctive
-        for param in model.parameters():
-            param.add_(torch.randn_like(param) * 0.02)
-    return model
 
 
 def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
@@ -54,7 +33,7 @@ def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
 @pytest.mark.parametrize("cfg", [TINY_VIT, TINY_RN], ids=["vit", "resnet"])
 def test_load_clip_round_trip(tmp_path: Path, suffix: str, cfg: dict) -> None:
-    reference = _random_model(cfg)
+    reference = random_clip(cfg)
     path = save_state_dict(reference.state_dict(), tmp_path / f"clip{suffix}")
     loaded, tokenizer = load_clip(cfg, path)
     _assert_same_weights(loaded, reference)
@@ -68,7 +47,7 @@ def test_load_clip_round_trip(tmp_path: Path, suffix: str, cfg: dict) -> None:
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore:.*torch.jit.*deprecated:FutureWarning")
 def test_load_clip_reads_openai_style_torchscript_archive(tmp_path: Path) -> None:
     # OpenAI's .pt files are traced TorchScript modules holding fp16 weights plus three non-weight entries.
-    reference = _random_model(TINY_VIT)
+    reference = random_clip(TINY_VIT)
     holder = _OpenAIStyleHolder(copy.deepcopy(reference))
     traced = torch.jit.trace_module(holder, {"forward": torch.zeros(1, 3, 32, 32)}, check_trace=False).half()
     path = tmp_path / "ViT-tiny.pt"
@@ -116,7 +95,7 @@ def test_load_clip_without_path_refuses_to_download() -> None:
 
 
 def test_load_clip_reports_key_mismatch(tmp_path: Path) -> None:
-    path = save_state_dict(_random_model(TINY_RN).state_dict(), tmp_path / "rn.safetensors")
+    path = save_state_dict(random_clip(TINY_RN).state_dict(), tmp_path / "rn.safetensors")
     with pytest.raises(CheckpointMismatchError, match=r"(?s)rn\.safetensors does not fit .*missing keys"):
         load_clip(TINY_VIT, path)
 
@@ -160,7 +139,7 @@ def test_preprocess_boundary_keeps_aspect_on_short_side() -> None:
 
 
 def test_resnet_trunk_equals_open_clip_layer3_intermediate() -> None:
-    model = _random_model(TINY_RN).eval()
+    model = random_clip(TINY_RN).eval()
     trunk = ClipResNetTrunk(model.visual, last_stage=3)
     images = torch.randn(2, 3, 64, 96)
     with torch.no_grad():
@@ -172,4 +151,4 @@ def test_resnet_trunk_equals_open_clip_layer3_intermediate() -> None:
     assert trunk.layer3 is model.visual.layer3  # shared, not copied
     assert not hasattr(trunk, "layer4")
     with pytest.raises(TypeError, match="ModifiedResNet"):
-        ClipResNetTrunk(_random_model(TINY_VIT).visual)
+        ClipResNetTrunk(random_clip(TINY_VIT).visual)

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.models.foundation.tiny_models import TINY_VIT
 from visionkit.models.foundation import (
     SURGERY_TEMPLATES,
     ClipSurgery,
@@ -19,24 +20,6 @@ from visionkit.models.foundation import (
     similarity_maps,
     surgery_encode_image,
 )
-
-TEXT_CFG = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
-TINY_VIT = {
-    "embed_dim": 16,
-    "quick_gelu": True,
-    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 4, "head_width": 16},
-    "text_cfg": TEXT_CFG,
-}
-
-
-@pytest.fixture(scope="module")
-def clip_and_tokenizer() -> tuple[torch.nn.Module, object]:
-    torch.manual_seed(0)
-    model, tokenizer = build_clip(TINY_VIT)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn_like(param) * 0.05)
-    return model.eval(), tokenizer
 
 
 def _reference_surgery(visual: torch.nn.Module, images: torch.Tensor, n_surgery: int) -> torch.Tensor:
@@ -82,8 +65,8 @@ def _reference_surgery(visual: torch.nn.Module, images: torch.Tensor, n_surgery:
 
 @pytest.mark.parametrize("n_surgery", [1, 2, 4])
 @pytest.mark.parametrize("size", [(32, 32), (48, 48)])
-def test_surgery_matches_written_out_reference(clip_and_tokenizer, n_surgery: int, size: tuple[int, int]) -> None:
-    visual = clip_and_tokenizer[0].visual
+def test_surgery_matches_written_out_reference(tiny_clip_vit, n_surgery: int, size: tuple[int, int]) -> None:
+    visual = tiny_clip_vit[0].visual
     images = torch.randn(2, 3, *size)
     before = visual.positional_embedding.detach().clone()
     with torch.no_grad():
@@ -95,8 +78,8 @@ def test_surgery_matches_written_out_reference(clip_and_tokenizer, n_surgery: in
     assert torch.equal(visual.positional_embedding, before)  # the model is not modified
 
 
-def test_surgery_differs_from_plain_path_and_keeps_cls(clip_and_tokenizer) -> None:
-    visual = clip_and_tokenizer[0].visual
+def test_surgery_differs_from_plain_path_and_keeps_cls(tiny_clip_vit) -> None:
+    visual = tiny_clip_vit[0].visual
     images = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         plain = surgery_encode_image(visual, images, 0)
@@ -105,8 +88,8 @@ def test_surgery_differs_from_plain_path_and_keeps_cls(clip_and_tokenizer) -> No
     assert not torch.allclose(surgery[:, 1:], plain[:, 1:], atol=1e-3)
 
 
-def test_zero_surgery_blocks_equal_open_clip_tokens(clip_and_tokenizer) -> None:
-    model = clip_and_tokenizer[0]
+def test_zero_surgery_blocks_equal_open_clip_tokens(tiny_clip_vit) -> None:
+    model = tiny_clip_vit[0]
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         tokens = ClipSurgery(model.visual, n_surgery=0)(images)
@@ -119,8 +102,8 @@ def test_zero_surgery_blocks_equal_open_clip_tokens(clip_and_tokenizer) -> None:
     torch.testing.assert_close(tokens[:, 1:], patch_tokens @ model.visual.proj, rtol=1e-5, atol=1e-6)
 
 
-def test_surgery_rejects_bad_arguments(clip_and_tokenizer) -> None:
-    visual = clip_and_tokenizer[0].visual
+def test_surgery_rejects_bad_arguments(tiny_clip_vit) -> None:
+    visual = tiny_clip_vit[0].visual
     with pytest.raises(ValueError, match="n_surgery"):
         surgery_encode_image(visual, torch.zeros(1, 3, 32, 32), 5)
     resnet, _ = build_clip({**TINY_VIT, "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8}})
@@ -154,8 +137,8 @@ def test_templates_are_clip_surgery_list() -> None:
     assert digest == "f87d863dc7a96d46812438cf13a8a071e340f7be26222d17a0b61d41d28c0984"
 
 
-def test_text_ensemble_matches_per_class_loop(clip_and_tokenizer) -> None:
-    model, tokenizer = clip_and_tokenizer
+def test_text_ensemble_matches_per_class_loop(tiny_clip_vit) -> None:
+    model, tokenizer = tiny_clip_vit
     templates = SURGERY_TEMPLATES[:5]
     names = ["cat", "traffic light", ""]
     embeddings = encode_text_ensemble(model, tokenizer, names, templates, batch_size=4)
@@ -217,8 +200,8 @@ def test_similarity_maps_min_max_shapes_and_degenerate_class() -> None:
         similarity_maps(torch.randn(1, 1 + 12, 2), (8, 8))
 
 
-def test_image_level_scores_are_softmax_over_classes(clip_and_tokenizer) -> None:
-    model = clip_and_tokenizer[0]
+def test_image_level_scores_are_softmax_over_classes(tiny_clip_vit) -> None:
+    model = tiny_clip_vit[0]
     images = torch.randn(3, 3, 32, 32)
     text = F.normalize(torch.randn(5, 16), dim=-1)
     with torch.no_grad():

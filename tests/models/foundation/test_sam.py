@@ -13,31 +13,21 @@ from visionkit.models.foundation import SamAutomaticMasks, SamBoxPrompter, build
 from visionkit.weights import CheckpointMismatchError, save_state_dict
 
 
-@pytest.fixture(scope="module")
-def sam() -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = build_sam("vit_test")
-    with torch.no_grad():  # SAM zero-initialises some layers; make every output depend on every weight
-        for param in model.parameters():
-            param.add_(torch.randn_like(param) * 0.05)
-    return model
-
-
 def _image(height: int, width: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
-def test_load_sam_round_trip(tmp_path: Path, sam: torch.nn.Module, suffix: str) -> None:
-    path = save_state_dict(sam.state_dict(), tmp_path / f"sam{suffix}")
+def test_load_sam_round_trip(tmp_path: Path, tiny_sam: torch.nn.Module, suffix: str) -> None:
+    path = save_state_dict(tiny_sam.state_dict(), tmp_path / f"sam{suffix}")
     loaded = load_sam("vit_test", path)
     assert not loaded.training
-    for name, tensor in sam.state_dict().items():
+    for name, tensor in tiny_sam.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
 
 
-def test_load_sam_weights_lists_missing_keys(tmp_path: Path, sam: torch.nn.Module) -> None:
-    state = dict(sam.state_dict())
+def test_load_sam_weights_lists_missing_keys(tmp_path: Path, tiny_sam: torch.nn.Module) -> None:
+    state = dict(tiny_sam.state_dict())
     del state["mask_decoder.iou_token.weight"]
     path = save_state_dict(state, tmp_path / "partial.safetensors")
     with pytest.raises(CheckpointMismatchError, match=r"(?s)partial\.safetensors.*mask_decoder\.iou_token\.weight"):
@@ -55,9 +45,9 @@ def test_missing_sam_checkpoint_names_file_and_url(tmp_path: Path, variant: str,
         load_sam("vit_x", missing)
 
 
-def test_batched_boxes_equal_single_predictor_calls(sam: torch.nn.Module) -> None:
+def test_batched_boxes_equal_single_predictor_calls(tiny_sam: torch.nn.Module) -> None:
     images = [_image(96, 80, 1), _image(60, 100, 2), _image(128, 128, 3)]
-    prompter = SamBoxPrompter(sam, encoder_batch_size=2)
+    prompter = SamBoxPrompter(tiny_sam, encoder_batch_size=2)
     prompter.set_images(images)
     assert prompter.num_images == 3 and prompter.original_size(1) == (60, 100)
     boxes = np.array([[5, 8, 60, 50], [0, 0, 99, 59], [30, 10, 45, 55], [70, 2, 98, 20]], dtype=np.float32)
@@ -67,7 +57,7 @@ def test_batched_boxes_equal_single_predictor_calls(sam: torch.nn.Module) -> Non
     assert iou.shape == (4,) and low_res.shape == (4, 32, 32)
     assert masks.any() and not masks.all()
 
-    predictor = SamPredictor(sam)  # segment-anything's own one-prompt-at-a-time path
+    predictor = SamPredictor(tiny_sam)  # segment-anything's own one-prompt-at-a-time path
     predictor.set_image(images[1])
     for k, box in enumerate(boxes):
         logits, scores, low = predictor.predict(box=box, multimask_output=False, return_logits=True)
@@ -78,9 +68,9 @@ def test_batched_boxes_equal_single_predictor_calls(sam: torch.nn.Module) -> Non
         assert torch.equal(masks[k] & ~unsure, single & ~unsure)
 
 
-def test_encoder_batching_does_not_change_embeddings(sam: torch.nn.Module) -> None:
+def test_encoder_batching_does_not_change_embeddings(tiny_sam: torch.nn.Module) -> None:
     images = [_image(96, 80, 1), _image(60, 100, 2), _image(128, 128, 3)]
-    one, three = SamBoxPrompter(sam, encoder_batch_size=1), SamBoxPrompter(sam, encoder_batch_size=3)
+    one, three = SamBoxPrompter(tiny_sam, encoder_batch_size=1), SamBoxPrompter(tiny_sam, encoder_batch_size=3)
     one.set_images(images)
     three.set_images(images)
     box = np.array([[10, 10, 50, 40]])
@@ -91,8 +81,8 @@ def test_encoder_batching_does_not_change_embeddings(sam: torch.nn.Module) -> No
         torch.testing.assert_close(iou_three, iou_one, rtol=1e-4, atol=1e-4)
 
 
-def test_zero_boxes_and_bad_input(sam: torch.nn.Module) -> None:
-    prompter = SamBoxPrompter(sam)
+def test_zero_boxes_and_bad_input(tiny_sam: torch.nn.Module) -> None:
+    prompter = SamBoxPrompter(tiny_sam)
     prompter.set_images([_image(50, 70, 4)])
     masks, iou, low_res = prompter.predict_boxes(0, np.zeros((0, 4)))
     assert masks.shape == (0, 50, 70) and masks.dtype == torch.bool
@@ -103,10 +93,10 @@ def test_zero_boxes_and_bad_input(sam: torch.nn.Module) -> None:
         prompter.set_images([np.zeros((10, 10, 3), dtype=np.float32)])
 
 
-def test_automatic_masks_on_tiny_image(sam: torch.nn.Module) -> None:
+def test_automatic_masks_on_tiny_image(tiny_sam: torch.nn.Module) -> None:
     image = _image(48, 64, 5)
     generator = SamAutomaticMasks(
-        sam, points_per_side=4, pred_iou_thresh=-1e9, stability_score_thresh=0.0, box_nms_thresh=1.0
+        tiny_sam, points_per_side=4, pred_iou_thresh=-1e9, stability_score_thresh=0.0, box_nms_thresh=1.0
     )
     out = generator.generate(image)
     count = out.masks.shape[0]
@@ -118,6 +108,6 @@ def test_automatic_masks_on_tiny_image(sam: torch.nn.Module) -> None:
         if mask.any():  # SAM's boxes are inclusive pixel extents of the mask
             ys, xs = torch.nonzero(mask, as_tuple=True)
             assert box.tolist() == [xs.min().item(), ys.min().item(), xs.max().item(), ys.max().item()]
-    defaults = SamAutomaticMasks(sam).generator
+    defaults = SamAutomaticMasks(tiny_sam).generator
     assert (defaults.pred_iou_thresh, defaults.stability_score_thresh, defaults.box_nms_thresh) == (0.88, 0.95, 0.7)
     assert len(defaults.point_grids[0]) == 32 * 32

@@ -1,6 +1,6 @@
 """Zip's instance discovery on the cluster grid: fragments, their selection, connected components and boxes.
 
-Reproduces the released ``zip_utils.py`` (``ChengShiest/Zip-Your-CLIP`` at ``c54c646``; ``shared/reference/zip.md``
+Reproduces the released ``zip_utils.py`` (``ChengShiest/Zip-Your-CLIP`` at ``c54c646``; ``docs/methods/zip.md``
 §5) without its per-cluster and per-fragment loops over full-size masks:
 
 1. The clusters examined are the ``top_k`` (20) most frequent labels of the activation-masked cluster map

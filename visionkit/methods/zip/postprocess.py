@@ -1,13 +1,14 @@
 """Zip's steps after SAM: which classes are present, instance scores and mask NMS.
 
-The paper's classification-first rule, its score terms and any NMS are unpublished (``shared/reference/zip.md`` §2,
-§6, §8); the choices here are visionkit's, documented in ``docs/methods/zip.md`` and configurable:
+The paper's classification-first rule, its score terms and any NMS are unpublished (``docs/methods/zip.md`` §3,
+§6); the choices here are visionkit's, documented in ``docs/methods/zip.md`` §8 and configurable:
 
 * :func:`select_present_classes`: CLIP's image-level softmax over the vocabulary (logit scale 100, as CLIP's
   zero-shot classifier); a class is "present" if its probability is at least ``min_prob`` and it is among the
   ``top_k`` most probable; the most probable class is always kept (an image shows at least one thing).
 * :func:`score_instances`: the geometric mean sqrt(CLIP class score x SAM predicted IoU) (reviewer R4's description).
 * :func:`mask_nms`: greedy NMS on mask IoU, per class (off by default in the segmenter, as in the released code).
+* :func:`mask_boxes`: the tight box of each mask, the box a COCO record reports (pycocotools' ``toBbox``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["mask_iou", "mask_nms", "score_instances", "select_present_classes"]
+__all__ = ["mask_boxes", "mask_iou", "mask_nms", "score_instances", "select_present_classes"]
 
 
 def select_present_classes(probs: Tensor, min_prob: float = 0.05, top_k: int = 5) -> Tensor:
@@ -87,3 +88,24 @@ def mask_nms(masks: Tensor, scores: Tensor, iou_thresh: float = 0.5, labels: Ten
         keep.append(i)
         suppressed |= iou[i] > iou_thresh
     return torch.tensor(keep, dtype=torch.int64, device=masks.device)
+
+
+def mask_boxes(masks: Tensor) -> Tensor:
+    """Tight xyxy box of each mask, maxima exclusive (pycocotools' ``toBbox`` as xyxy); an empty mask gets zeros.
+
+    Args:
+        masks: (K, H, W) bool.
+
+    Returns:
+        (K, 4) float32 ``(x1, y1, x2, y2)`` in pixels, ``x2 - x1`` = the mask's width in pixels.
+    """
+    if masks.shape[0] == 0:
+        return torch.zeros(0, 4, dtype=torch.float32, device=masks.device)
+
+    def span(occupied: Tensor) -> tuple[Tensor, Tensor]:  # (K, L) bool -> first index, last index + 1
+        first = occupied.float().argmax(dim=1)
+        return first, occupied.shape[1] - occupied.flip(1).float().argmax(dim=1)
+
+    (x1, x2), (y1, y2) = span(masks.any(dim=1)), span(masks.any(dim=2))
+    boxes = torch.stack([x1, y1, x2, y2], dim=1).float()
+    return torch.where(masks.flatten(1).any(dim=1)[:, None], boxes, torch.zeros_like(boxes))

@@ -1,6 +1,6 @@
 """Pseudo-labels for self-training: COCO results (Zip's, or a trained model's predictions) → a COCO training set.
 
-Self-training follows CutLER's recipe (``shared/reference/zip.md`` §10; Wang et al., CVPR 2023, §3.3): train the
+Self-training follows CutLER's recipe (``docs/methods/zip.md`` §12; Wang et al., CVPR 2023, §3.3): train the
 instance-segmentation task on the pseudo-labels of round 0 with DropLoss, then predict on the training images with the
 trained model, keep predictions above a score threshold (CutLER: 0.7 in round 1, 0.65 in round 2) and train again.
 :func:`results_to_training_set` does the "keep and convert" step: it reads a results JSON (or records), keeps the

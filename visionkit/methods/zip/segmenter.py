@@ -1,6 +1,6 @@
 """The Zip pipeline (``ZipSegmenter``) and the SAM + CLIP baseline it is compared with (``SamClipBaseline``).
 
-Zip (Shi & Yang, ICLR 2024, arXiv 2404.11957; ``shared/reference/zip.md``), per image:
+Zip (Shi & Yang, ICLR 2024, arXiv 2404.11957; ``docs/methods/zip.md`` §3-§6), per image:
 
 1. semantic clue: CLIP Surgery tokens of the 512×512-squashed image (ViT-B/16, last 6 blocks), similarities with the
    85-template text embeddings minus the empty-class redundancy, one min-max map per class at image size;
@@ -22,8 +22,9 @@ probability × SAM predicted IoU). Both return the same per-image dicts and feed
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -50,17 +51,35 @@ from visionkit.models.foundation import (
 )
 from visionkit.ops.kmeans import kmeans
 
-__all__ = ["SamClipBaseline", "ZipConfig", "ZipSegmenter"]
+__all__ = [
+    "FOUNDATION_ARGS",
+    "FoundationModels",
+    "SamClipBaseline",
+    "ZipConfig",
+    "ZipSegmenter",
+    "build_segmenter",
+    "load_foundation_models",
+]
 
 Instances = dict[str, Tensor]
+#: The arguments of :func:`load_foundation_models` that ``ZipTask`` and ``tools/zip_infer.py`` take under these names.
+FOUNDATION_ARGS: tuple[str, ...] = (
+    "method",
+    "clip_checkpoint",
+    "sam_checkpoint",
+    "boundary_checkpoint",
+    "clip_arch",
+    "boundary_arch",
+    "sam_variant",
+)
 
 
 @dataclass
 class ZipConfig:
     """Hyper-parameters of :class:`ZipSegmenter`.
 
-    Defaults are the released code's (``zip.md`` §7) or, where it has no such step, visionkit's documented choices
-    (``docs/methods/zip.md``).
+    Defaults are the released code's (``docs/methods/zip.md`` §7) or, where it has no such step, visionkit's
+    documented choices (``docs/methods/zip.md`` §8).
 
     Attributes:
         semantic_size: Side of the square CLIP Surgery input (released: 512).
@@ -151,38 +170,6 @@ class ZipSegmenter(nn.Module):
             redundant = encode_text_ensemble(clip_model, tokenizer, [""])
         self.register_buffer("text", text, persistent=False)
         self.register_buffer("redundant", redundant, persistent=False)
-
-    @classmethod
-    def from_checkpoints(
-        cls,
-        class_names: Sequence[str],
-        clip_checkpoint: str | os.PathLike[str],
-        boundary_checkpoint: str | os.PathLike[str],
-        sam_checkpoint: str | os.PathLike[str],
-        *,
-        clip_arch: str = "ViT-B-16",
-        boundary_arch: str = "RN50x64",
-        sam_variant: str = "vit_h",
-        device: str | torch.device = "cpu",
-        encoder_batch_size: int = 1,
-        config: ZipConfig | None = None,
-    ) -> ZipSegmenter:
-        """Build the pipeline from local checkpoint files (OpenAI ViT-B/16, OpenAI RN50x64, SAM ViT-H by default).
-
-        Raises:
-            FileNotFoundError: A checkpoint is missing; the message names it and where to download it.
-        """
-        clip_model, tokenizer = load_clip(clip_arch, clip_checkpoint, device=device)
-        boundary_model, _ = load_clip(boundary_arch, boundary_checkpoint, device=device)
-        sam = load_sam(sam_variant, sam_checkpoint, device=device)
-        return cls(
-            clip_model.eval(),
-            tokenizer,
-            ClipResNetTrunk(boundary_model.visual).eval(),
-            SamBoxPrompter(sam, encoder_batch_size=encoder_batch_size),
-            class_names,
-            config,
-        )
 
     @property
     def device(self) -> torch.device:
@@ -331,3 +318,100 @@ class SamClipBaseline(nn.Module):
                 {"masks": masks, "boxes": boxes, "scores": score_instances(class_scores, ious), "labels": labels}
             )
         return results
+
+
+@dataclass
+class FoundationModels:
+    """The loaded models a Zip pipeline or the baseline is built from (see :func:`load_foundation_models`).
+
+    Attributes:
+        clip_model: The CLIP of the semantic branch and of every class score (OpenAI ViT-B/16), eval mode.
+        tokenizer: Its tokenizer.
+        sam: SAM (ViT-H by default), eval mode.
+        boundary: The clustering trunk (RN50x64 stem to layer3); ``None`` for the baseline.
+    """
+
+    clip_model: nn.Module
+    tokenizer: Any
+    sam: nn.Module
+    boundary: ClipResNetTrunk | None = None
+
+
+def load_foundation_models(
+    method: Literal["zip", "baseline"],
+    clip_checkpoint: str | os.PathLike[str],
+    sam_checkpoint: str | os.PathLike[str],
+    boundary_checkpoint: str | os.PathLike[str] | None = None,
+    *,
+    clip_arch: str | Mapping[str, Any] = "ViT-B-16",
+    boundary_arch: str | Mapping[str, Any] = "RN50x64",
+    sam_variant: str = "vit_h",
+    device: str | torch.device = "cpu",
+) -> FoundationModels:
+    """Load the models of ``method`` from local checkpoint files (nothing is downloaded), all in fp32 and eval mode.
+
+    Args:
+        method: ``"zip"`` (CLIP, the boundary CLIP's trunk, SAM) or ``"baseline"`` (CLIP and SAM).
+        clip_checkpoint: OpenAI ViT-B/16 (``ViT-B-16.pt`` or a safetensors / state-dict file).
+        sam_checkpoint: SAM, e.g. ``sam_vit_h_4b8939.pth``.
+        boundary_checkpoint: OpenAI RN50x64 (``RN50x64.pt``); needed for ``"zip"``.
+        clip_arch: open_clip architecture (name or config dict) of ``clip_checkpoint``.
+        boundary_arch: open_clip ResNet architecture of ``boundary_checkpoint``.
+        sam_variant: SAM variant of ``sam_checkpoint`` (``vit_h``, ``vit_l``, ``vit_b``, ``vit_test``).
+        device: Where the models are put.
+
+    Returns:
+        The models; only the trunk of the boundary CLIP is kept (its text tower, layer4 and pooling are dropped).
+
+    Raises:
+        ValueError: Unknown method, or ``"zip"`` without ``boundary_checkpoint``.
+        FileNotFoundError: A checkpoint is missing; the message names it and where to download it.
+        CheckpointMismatchError: A file does not fit its architecture (the keys are listed).
+    """
+    if method not in ("zip", "baseline"):
+        raise ValueError(f"method must be 'zip' or 'baseline', got {method!r}")
+    if method == "zip" and not boundary_checkpoint:
+        raise ValueError("method 'zip' needs boundary_checkpoint (OpenAI RN50x64, e.g. weights/RN50x64.pt)")
+    clip_model, tokenizer = load_clip(clip_arch, clip_checkpoint, device=device)
+    boundary = None
+    if method == "zip":
+        boundary_model, _ = load_clip(boundary_arch, boundary_checkpoint, device=device)
+        boundary = ClipResNetTrunk(boundary_model.visual).eval()
+    sam = load_sam(sam_variant, sam_checkpoint, device=device)
+    return FoundationModels(clip_model.eval(), tokenizer, sam, boundary)
+
+
+def build_segmenter(
+    models: FoundationModels,
+    class_names: Sequence[str],
+    config: ZipConfig | None = None,
+    *,
+    encoder_batch_size: int = 1,
+    automatic_masks: Mapping[str, Any] | None = None,
+) -> ZipSegmenter | SamClipBaseline:
+    """Zip over ``class_names`` when ``models`` has a boundary trunk, else the SAM + CLIP baseline.
+
+    Args:
+        models: What :func:`load_foundation_models` returned.
+        class_names: The vocabulary.
+        config: Zip's settings; the baseline reads ``classifier_size`` and ``class_agnostic`` from it.
+        encoder_batch_size: Images per SAM image-encoder pass (Zip).
+        automatic_masks: ``SamAutomaticMasks`` settings of the baseline (``points_per_side``, ``pred_iou_thresh``,
+            ...); ``None``: SAM's defaults.
+
+    Returns:
+        The segmenter (an ``nn.Module``; SAM itself is held by its prompter / generator, not registered in it).
+    """
+    config = config or ZipConfig()
+    if models.boundary is not None:
+        prompter = SamBoxPrompter(models.sam, encoder_batch_size=encoder_batch_size)
+        return ZipSegmenter(models.clip_model, models.tokenizer, models.boundary, prompter, class_names, config)
+    generator = SamAutomaticMasks(models.sam, **dict(automatic_masks or {}))
+    return SamClipBaseline(
+        models.clip_model,
+        models.tokenizer,
+        generator,
+        class_names,
+        classifier_size=config.classifier_size,
+        class_agnostic=config.class_agnostic,
+    )

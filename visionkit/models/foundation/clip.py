@@ -1,6 +1,6 @@
 """open_clip models from a local checkpoint, Zip's image preprocessing and ModifiedResNet intermediate features.
 
-Zip uses two OpenAI CLIP models (reference ``zip.md`` §3-§4): ViT-B/16 for the semantic branch (CLIP Surgery at
+Zip uses two OpenAI CLIP models (``docs/methods/zip.md`` §3-§4): ViT-B/16 for the semantic branch (CLIP Surgery at
 512×512, see :mod:`visionkit.models.foundation.clip_surgery`) and RN50x64 for the boundary branch (stem to layer3,
 stride 16, at short side 2048). Both run in fp32. :func:`load_clip` builds any open_clip ``CLIP`` architecture without
 downloading anything and fills it from a local file: a ``.safetensors`` or plain state dict (through
@@ -233,9 +233,10 @@ def preprocess_boundary(image: ImageLike, short_side: int = BOUNDARY_SHORT_SIDE)
 class ClipResNetTrunk(nn.Module):
     """The stem and the first ``last_stage`` residual stages of an open_clip ``ModifiedResNet``.
 
-    Zip's boundary branch clusters RN50x64 layer3 ("conv4_x") features: stride 16, 2048 channels (``zip.md`` §4).
-    The trunk shares (does not copy) the modules of ``visual``; ``layer4`` and the attention pool are left out.
-    Submodule names equal ``ModifiedResNet``'s, so its state dict is a subset of the visual tower's.
+    Zip's boundary branch clusters RN50x64 layer3 ("conv4_x") features: stride 16, 2048 channels
+    (``docs/methods/zip.md`` §4). The trunk shares (does not copy) the modules of ``visual``; ``layer4`` and the
+    attention pool are left out. Submodule names equal ``ModifiedResNet``'s, so its state dict is a subset of the
+    visual tower's.
 
     Args:
         visual: ``model.visual`` of an open_clip ResNet CLIP.

@@ -2,7 +2,7 @@
 
 Reproduces the behaviour of CLIP Surgery (``xmed-lab/CLIP_Surgery``, ``clip/clip_surgery_model.py`` and
 ``clip/clip.py``) as Zip uses it (``ChengShiest/Zip-Your-CLIP`` ``zip_utils.py``) on any open_clip
-``VisionTransformer``, without modifying the model (reference ``zip.md`` §3):
+``VisionTransformer``, without modifying the model (``docs/methods/zip.md`` §3):
 
 - The last ``n_surgery`` blocks run two paths. The original path is the unchanged block. The new path starts from the
   input of the first surgery block and adds, in every surgery block, a value-value self-attention (q = k = v, scale

@@ -1,6 +1,6 @@
 """segment-anything from a local checkpoint, a batched box prompter and the automatic mask generator.
 
-Zip refines every discovered instance box with SAM ViT-H (reference ``zip.md`` §6); its baseline is SAM's automatic
+Zip refines every discovered instance box with SAM ViT-H (``docs/methods/zip.md`` §6); its baseline is SAM's automatic
 ("everything") mode with CLIP-classified masks. ``segment_anything``'s own ``_build_sam`` calls ``torch.load`` without
 ``weights_only`` or ``map_location``; here the model is built with ``checkpoint=None`` and the file goes through
 :func:`visionkit.weights.load_state_dict` (safe, CPU first), loaded strictly.
