@@ -138,6 +138,17 @@ def _to_rgb_array(image: Image.Image, path: Path) -> np.ndarray:
         raise ImageReadError(f"cannot read image {path}: mode {mode!r} cannot be converted to RGB ({error})") from error
 
 
+def _to_tensor(image: Image.Image, path: Path, upright: bool) -> torch.Tensor:
+    """A decoded image as uint8 ``(3, H, W)`` RGB, turned upright by its EXIF orientation first if ``upright``."""
+    if upright:
+        try:
+            image = ImageOps.exif_transpose(image)
+        except _DECODE_ERRORS as error:
+            raise ImageReadError(f"cannot apply the EXIF orientation of {path}: {error}") from error
+    array = _to_rgb_array(image, path)
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+
 def read_image(path: str | Path, *, apply_exif_orientation: bool = True) -> torch.Tensor:
     """Read an image file as an RGB uint8 tensor.
 
@@ -164,14 +175,7 @@ def read_image(path: str | Path, *, apply_exif_orientation: bool = True) -> torc
         ImageReadError: The file cannot be decoded (message names the file and Pillow's reason).
     """
     path = Path(path)
-    image = _open_decoded(path)
-    if apply_exif_orientation:
-        try:
-            image = ImageOps.exif_transpose(image)
-        except _DECODE_ERRORS as error:
-            raise ImageReadError(f"cannot apply the EXIF orientation of {path}: {error}") from error
-    array = _to_rgb_array(image, path)
-    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+    return _to_tensor(_open_decoded(path), path, apply_exif_orientation)
 
 
 def read_exif_orientation(image: Image.Image) -> int:
@@ -239,14 +243,7 @@ def read_image_for_annotation(
         raise AnnotationSizeError(
             _mismatch_message(path, orientation, stored, upright, expected, exif_orientation, reference)
         )
-    if apply:
-        try:
-            image = ImageOps.exif_transpose(image)
-        except _DECODE_ERRORS as error:
-            raise ImageReadError(f"cannot apply the EXIF orientation of {path}: {error}") from error
-    array = _to_rgb_array(image, path)
-    pixels = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
-    return pixels, ExifDecision(orientation, apply, stored, upright)
+    return _to_tensor(image, path, apply), ExifDecision(orientation, apply, stored, upright)
 
 
 def _mismatch_message(
