@@ -5,8 +5,9 @@
   :class:`UnlabeledImageFolder`.
 * Transforms (``transforms``) and their presets (``presets``): ``(image, target) -> (image, target)`` callables that
   keep boxes, instance masks and label maps consistent with the image.
-* Collate functions (``collate``) and datamodules (``datamodule_base``, ``datamodules``: the only modules here that
-  import Lightning).
+* Collate functions (``collate``) and datamodules (``datamodule_base``, ``datamodules``, and ``unreadable`` for
+  ``skip_unreadable``: the only modules here that import Lightning).
+* EXIF frame decision (``image_io``: ``exif_orientation``) and the inference image folder (``NumberedImageFolder``).
 * Synthetic writers (``synthetic``): tiny datasets in the same real formats, for tests and the quickstart.
 """
 
