@@ -90,20 +90,26 @@ class _InstancesValidator:
                 raise self.fail("top level", f"{key!r} must be a list, got {type(content[key]).__name__}")
         return dict(content)
 
+    def _entry_id(self, section: str, position: int, entry: Any, first_position: dict[int, int]) -> tuple[int, str]:
+        """The integer ``id`` of ``section[position]`` (an object, unique so far) and where to point an error at it."""
+        where = f"{section}[{position}]"
+        if not isinstance(entry, Mapping):
+            raise self.fail(where, f"must be an object, got {short_repr(entry)}")
+        entry_id = entry.get("id")
+        if not is_int(entry_id):
+            raise self.fail(where, f"'id' must be an integer, got {short_repr(entry_id)}")
+        entry_id = int(entry_id)
+        where = f"{section}[{position}] (id {entry_id})"
+        if entry_id in first_position:
+            kind = "image" if section == "images" else "category"
+            raise self.fail(where, f"duplicate {kind} id (also {section}[{first_position[entry_id]}])")
+        return entry_id, where
+
     def images(self, images: list[Any]) -> dict[int, tuple[int, int]]:
         sizes: dict[int, tuple[int, int]] = {}
         first_position: dict[int, int] = {}
         for position, image in enumerate(images):
-            where = f"images[{position}]"
-            if not isinstance(image, Mapping):
-                raise self.fail(where, f"must be an object, got {short_repr(image)}")
-            image_id = image.get("id")
-            if not is_int(image_id):
-                raise self.fail(where, f"'id' must be an integer, got {short_repr(image_id)}")
-            image_id = int(image_id)
-            where = f"images[{position}] (id {image_id})"
-            if image_id in sizes:
-                raise self.fail(where, f"duplicate image id (also images[{first_position[image_id]}])")
+            image_id, where = self._entry_id("images", position, image, first_position)
             if self.require_file_name:
                 file_name = image.get("file_name")
                 if not isinstance(file_name, str) or not file_name or "\0" in file_name:
@@ -119,16 +125,7 @@ class _InstancesValidator:
         names: dict[int, str] = {}
         first_position: dict[int, int] = {}
         for position, category in enumerate(categories):
-            where = f"categories[{position}]"
-            if not isinstance(category, Mapping):
-                raise self.fail(where, f"must be an object, got {short_repr(category)}")
-            category_id = category.get("id")
-            if not is_int(category_id):
-                raise self.fail(where, f"'id' must be an integer, got {short_repr(category_id)}")
-            category_id = int(category_id)
-            where = f"categories[{position}] (id {category_id})"
-            if category_id in names:
-                raise self.fail(where, f"duplicate category id (also categories[{first_position[category_id]}])")
+            category_id, where = self._entry_id("categories", position, category, first_position)
             name = category.get("name")
             if not isinstance(name, str) and (self.require_category_name or name is not None):
                 raise self.fail(where, f"'name' must be a string, got {short_repr(name)}")
