@@ -17,6 +17,9 @@ the sizes in ``DEMO_TEST_SIZES`` (about 60 small images, well under a second). L
       classification/
         {train,val}/{circle,square,triangle}/<class>_000k.png   (4 train and 2 val images per class, 64×64)
         visionkit_manifest.json
+      pretraining/
+        <dataset>/images/*.{png,tif}    (2 dataset folders, 6 images each: colour, grey and 16-bit files)
+        visionkit_manifest.json
 
 COCO categories: circle (id 1), square (id 3), triangle (id 7) -> contiguous labels 0, 1, 2. In each COCO/ADE split
 image 0 has two touching squares, image 1 two overlapping circles, image 2 a crowd region, image 3 is empty. Image
@@ -44,7 +47,9 @@ import pytest
 from visionkit.cli import main
 from visionkit.data.synthetic import write_demo_data
 
-DEMO_TEST_SIZES: dict[str, tuple[int, int]] = {"coco": (8, 4), "ade20k": (6, 4), "classification": (4, 2)}
+DEMO_TEST_SIZES: dict[str, tuple[int, int]] = {
+    "coco": (8, 4), "ade20k": (6, 4), "classification": (4, 2), "pretraining": (6, 2)
+}  # fmt: skip
 
 
 @pytest.fixture(scope="session")

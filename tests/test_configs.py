@@ -44,6 +44,10 @@ SMALL_SIZES: dict[str, int] = {
     "slide_stride": 48,
     "batch_size": 2,
     "val_batch_size": 2,
+    # multi-crop pretraining (OpenUS): global / local view sides, local views per image
+    "global_size": 64,
+    "local_size": 32,
+    "num_local": 2,
     # foundation-model pipelines (Zip): input sides for the tiny CLIP / SAM, fewer clusters, SAM points, blocks
     "semantic_size": 32,
     "classifier_size": 32,
@@ -61,6 +65,7 @@ TINY_BACKBONES: tuple[tuple[str, str], ...] = (
     (r"_(small|base|large|huge|giant)_", "_tiny_"),
     (r"^convnext_\w+$", "convnext_atto"),
     (r"^resnet(34|50|101|152)(\w*)$", "resnet18"),
+    (r"^vmamba_(tiny|small|base)$", "vmamba_test"),
 )
 #: Foundation-model architecture (the value of ``<name>_arch`` / ``<name>_variant`` next to ``<name>_checkpoint``) ->
 #: the keys of the tiny random-weight model of its family in ``tiny_zip_checkpoints``: (file, architecture).
@@ -77,7 +82,15 @@ def _real_to_demo(demo_paths: dict[str, dict[str, Path]]) -> dict[str, Path]:
         "data/coco": demo_paths["coco"]["root"],
         "data/ADEChallengeData2016": demo_paths["ade20k"]["root"],
         "data/imagenet": demo_paths["classification"]["root"],
+        "data/us308k": demo_paths["pretraining"]["root"],
+        "data/fetal_planes": demo_paths["classification"]["root"],
+        "data/busbra": demo_paths["ade20k"]["root"],
     }
+
+
+#: Real datasets with fewer classes than the demo set that stands in for them: ``num_classes`` raised to this many
+#: labels of the demo set (BUS-BRA's 2 classes -> the ADE20K demo's labels 0..3 without ``reduce_zero_label``).
+DEMO_CLASS_FLOOR: dict[str, int] = {"data/busbra": 4}
 
 
 def _map_path(value: str, demo_root: Path, real_to_demo: dict[str, Path]) -> str | None:
@@ -173,6 +186,9 @@ def _template_overrides(
     if "persistent_workers" in data_args:
         args.append("--data.persistent_workers=false")  # num_workers is 0 below
     model_args = (config.get("model") or {}).get("init_args") or {}
+    floor = DEMO_CLASS_FLOOR.get(str(data_args.get("data_root", "")))
+    if floor and isinstance(model_args.get("num_classes"), int) and model_args["num_classes"] < floor:
+        args.append(f"--model.num_classes={floor}")
     for key, value in model_args.items():
         small = _shrink(key, value)
         if small is not None:
@@ -184,6 +200,9 @@ def _template_overrides(
         args.append("--model.init_checkpoint=null")  # the previous run's checkpoint does not exist here
     if model_args.get("pretrained"):
         args.append("--model.pretrained=false")  # no weights on CI; the test checks structure
+    checkpoint = model_args.get("checkpoint_path")
+    if isinstance(checkpoint, str) and not (REPO / checkpoint).exists():
+        args.append("--model.checkpoint_path=null")  # weights the user downloads, or an earlier run writes
     args += _tiny_foundation(model_args, tiny_foundation or {})
     for key, value in (model_args.get("backbone_kwargs") or {}).items():
         small = _shrink(key, value)
@@ -260,6 +279,9 @@ def test_template_overrides_follow_the_yaml_content(tmp_path):
     assert _map_path("data/coconut", tmp_path, real_to_demo) is None
     assert _tiny_backbone("convnext_base") == "convnext_atto" and _tiny_backbone("resnet50") == "resnet18"
     assert _tiny_backbone("resnet18") is None and _tiny_backbone("vit_tiny_patch16_224") is None
+    assert _tiny_backbone("vmamba_small") == "vmamba_test" and _tiny_backbone("vmamba_test") is None
+    openus = {"model": {"init_args": {"checkpoint_path": "weights/absent.pth"}}, "data": {"init_args": {}}}
+    assert _template_overrides(openus, tmp_path, real_to_demo) == ["--model.checkpoint_path=null"]
 
 
 @pytest.mark.parametrize("config_path", CONFIGS, ids=[str(p.relative_to(REPO / "configs")) for p in CONFIGS])

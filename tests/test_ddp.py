@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -146,3 +147,31 @@ def test_zip_ddp_two_processes_equal_one_process(tmp_path, demo_root, tiny_zip_c
     assert all(len(values) == 1 and values[0] != "nan" for key, values in stats[2].items() if "_AP/" not in key)
     # the two ranks' shards, gathered once, give the records of the single process (all four images, none twice)
     assert records[2] == records[1] and {r["image_id"] for r in records[2]} == {1000001, 1000002, 1000003, 1000004}
+
+
+def test_openus_pretraining_ddp_all_reduces_the_centres(tmp_path, demo_paths, monkeypatch):
+    """One OpenUS step on two ranks: different images per rank, yet the CLS / patch centres (all-reduced) and the
+    student weights (DDP) agree, while each rank keeps its own reconstruction importance (local, as released)."""
+    config = REPO / "configs" / "openus" / "pretrain_synthetic.yaml"
+    # the ranks import the test's callback from the repository
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    out = _run_ddp(
+        config,
+        tmp_path,
+        f"--data.data_root={demo_paths['pretraining']['root']}",
+        "--data.generate_demo=false",
+        "--data.global_size=64",
+        "--data.local_size=32",
+        "--data.num_local=2",
+        "--data.batch_size=2",
+        "--trainer.limit_train_batches=1",
+        "--trainer.callbacks+=tests.methods.openus.rank_state.SaveRankState",
+    )
+    _assert_both_ranks_finished(out)
+    ranks = [torch.load(tmp_path / f"rank_state_{r}.pt", weights_only=True) for r in (0, 1)]
+    torch.testing.assert_close(ranks[0]["center"], ranks[1]["center"], rtol=0, atol=0)
+    torch.testing.assert_close(ranks[0]["center2"], ranks[1]["center2"], rtol=0, atol=0)
+    assert ranks[0]["center"].abs().sum() > 0  # updated from zero
+    for name, value in ranks[0]["student"].items():
+        torch.testing.assert_close(ranks[1]["student"][name], value, rtol=0, atol=0, msg=name)
+    assert not torch.equal(ranks[0]["importance"], ranks[1]["importance"])  # each rank saw its own images

@@ -3,6 +3,8 @@
     python tools/convert_checkpoint.py outputs/run/checkpoints/last.ckpt backbone.safetensors --strip-prefix model.
     python tools/convert_checkpoint.py official.pth official.safetensors --key model
     python tools/convert_checkpoint.py trusted_old_pickle.pth out.safetensors --trust-pickle
+    python tools/convert_checkpoint.py outputs/openus/pretrain_synthetic/checkpoints/last.ckpt backbone.safetensors \
+        --select-prefix teacher.backbone.          # one sub-network of a method's checkpoint (OpenUS: the teacher)
 
 Without ``--trust-pickle`` the input is read exactly as visionkit reads weights (safetensors, or
 ``torch.load(weights_only=True)``), so a file that carries code is refused. ``--trust-pickle`` is the explicit, one-time
@@ -34,6 +36,11 @@ def main(argv: list[str] | None = None) -> Path:
         "--strip-prefix", action="append", default=[], help="key prefix to remove (repeatable), e.g. model."
     )
     parser.add_argument(
+        "--select-prefix",
+        default=None,
+        help="keep only the keys under this prefix and remove it, e.g. teacher.backbone. (a sub-network)",
+    )
+    parser.add_argument(
         "--trust-pickle", action="store_true", help="unpickle with weights_only=False (only for files you trust)"
     )
     ns = parser.parse_args(argv)
@@ -45,6 +52,15 @@ def main(argv: list[str] | None = None) -> Path:
             sys.exit(f"{error}\n\nRe-run with --trust-pickle only if you trust where {ns.src} comes from.")
         obj = torch.load(ns.src, map_location="cpu", weights_only=False)  # explicit opt-in, see --trust-pickle
         state = extract_state_dict(obj, ns.src, key=ns.key, strip_prefixes=prefixes)
+    if ns.select_prefix:
+        selected = {k[len(ns.select_prefix) :]: v for k, v in state.items() if k.startswith(ns.select_prefix)}
+        if not selected:
+            prefixes_found = sorted({k.split(".", 1)[0] + "." for k in state})
+            sys.exit(
+                f"error: {ns.src} has no keys under {ns.select_prefix!r}; its keys start with: "
+                f"{', '.join(prefixes_found[:20])}"
+            )
+        state = selected
     out = save_state_dict(state, ns.dst, metadata={"converted_from": ns.src.name})
     total = sum(t.numel() for t in state.values())
     print(f"wrote {out}: {len(state)} tensors, {total:,} values")

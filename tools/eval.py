@@ -1,9 +1,12 @@
 """Evaluate: a checkpoint through the CLI, or a COCO results file offline.
 
-python tools/eval.py validate --config configs/<...>.yaml --ckpt_path <file | last>
-python tools/eval.py test --config configs/<...>.yaml --ckpt_path <file | last>
+python tools/eval.py validate --config configs/<...>.yaml --ckpt_path <file | last | best>
+python tools/eval.py test --config configs/<...>.yaml --ckpt_path <file | last | best>
 python tools/eval.py coco --gt instances_val2017.json --results results.json [--iou-type bbox segm] [--class-agnostic]
     [--segm-area {mask,box}]
+
+``last`` is the run's ``checkpoints/last.ckpt``; ``best`` is the checkpoint that the config's ``ModelCheckpoint``
+(``checkpoint.monitor``) recorded as best in it: a probe selects its epoch on val, then reports test with ``best``.
 
 Exit status of ``coco``: 0 on success; 2 on bad input (a missing file, a file that is not JSON, a malformed record,
 ids not in the ground truth), with a one-line ``error: <message>`` on stderr that names the file and the record.

@@ -1,6 +1,8 @@
-"""Write the synthetic demo datasets (COCO, ADE20K, image-folder classification) in their real on-disk formats.
+"""Write the synthetic demo datasets in their real on-disk formats.
 
-python tools/make_data.py --root data/demo [--seed 0] [--kinds coco ade20k classification] [--force]
+Kinds: COCO, ADE20K, image-folder classification and an unlabelled pretraining collection (OpenUS layout).
+
+python tools/make_data.py --root data/demo [--seed 0] [--kinds coco ade20k classification pretraining] [--force]
 
 A kind whose folder already holds a complete set with the same settings is skipped (see
 ``visionkit.data.synthetic.write_demo_data``); ``--force`` rewrites it.
@@ -53,7 +55,10 @@ def main(argv: list[str] | None = None) -> int:
         skipped = before[kind] is not None and before[kind] == manifests[kind].stat().st_mtime_ns
         train, val = DEMO_SIZES[kind]
         per_class = " per class" if kind == "classification" else ""
-        state = "already complete, skipped" if skipped else f"written: {train} train / {val} val images{per_class}"
+        written = f"{train} train / {val} val images{per_class}"
+        if kind == "pretraining":
+            written = f"{val} datasets of {train} images"
+        state = "already complete, skipped" if skipped else f"written: {written}"
         print(f"{kind}: {paths['root']} ({state}; seed {args.seed})")
         for name, path in paths.items():
             if name not in ("root", "manifest"):

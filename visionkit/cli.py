@@ -7,6 +7,7 @@ work because every task and datamodule is imported here, the torchgeo pattern)::
     python tools/train.py fit --config configs/quickstart.yaml
     python tools/train.py fit --config configs/quickstart.yaml --ckpt_path last       # resume an interrupted run
     python tools/eval.py validate --config configs/quickstart.yaml --ckpt_path last
+    python tools/eval.py test --config probe.yaml --ckpt_path best     # the epoch ModelCheckpoint's monitor chose
     python tools/eval.py coco --gt instances_val2017.json --results results.json --iou-type bbox segm
 
 Defaults added to Lightning's: ``seed_everything=0``; logs (CSV) and the resolved config under
@@ -18,9 +19,16 @@ uninterrupted one would have (``visionkit.tasks.callbacks``).
 
 ``--ckpt_path`` is checked before the subcommand runs. ``last`` resolves to the newest ``last*.ckpt`` of the
 checkpoint folder; when there is none, ``fit`` prints one line saying that training starts from scratch, and the
-evaluation subcommands stop with an error (there are no weights to evaluate). A checkpoint that is damaged (empty,
-truncated, a CRC mismatch, not loadable) stops the run with one message that names the file and the intact
-``*.ckpt`` files next to it that could be used instead (exit status 1), instead of a torch traceback mid-run.
+evaluation subcommands stop with an error (there are no weights to evaluate). For ``validate`` / ``test`` /
+``predict``, ``best`` resolves to the best checkpoint that the run's monitored ``ModelCheckpoint``
+(``checkpoint.monitor``) recorded in that ``last.ckpt`` (Lightning's own ``best`` only knows the checkpoints of the
+current process, so it cannot find a finished run's); one line names the file and its score. The run must have been
+trained with a monitor, e.g. ``--checkpoint.monitor=val/top1 --checkpoint.mode=max``; when there is no ``last.ckpt``,
+no monitored best, or the recorded file is gone, the run stops with an error naming the files.
+
+A checkpoint that is damaged (empty, truncated, a CRC mismatch, not loadable) stops the run with one message that
+names the file and the intact ``*.ckpt`` files next to it that could be used instead (exit status 1), instead of a
+torch traceback mid-run.
 """
 
 from __future__ import annotations
@@ -29,10 +37,12 @@ import argparse
 import math
 import os
 import sys
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -105,24 +115,81 @@ class VisionkitCLI(LightningCLI):
             kwargs["ckpt_path"] = self._checked_ckpt_path(subcommand, str(kwargs["ckpt_path"]), weights_only)
         return kwargs
 
+    def _last_checkpoint(self) -> tuple[str | None, str]:
+        """The newest ``last*.ckpt`` of the ModelCheckpoint folders (``None``: none) and the folders, for messages."""
+        folders = sorted({str(c.dirpath) for c in self.trainer.checkpoint_callbacks if getattr(c, "dirpath", None)})
+        found = {
+            path
+            for callback in self.trainer.checkpoint_callbacks
+            if isinstance(callback, ModelCheckpoint)
+            for path in callback._find_last_checkpoints(self.trainer)
+            if Path(path).is_file()
+        }
+        where = ", ".join(folders) or "the checkpoint folder (no ModelCheckpoint is configured)"
+        return (max(found, key=os.path.getmtime) if found else None), where
+
+    def _best_checkpoint(self, subcommand: str, weights_only: bool) -> str:
+        """The best checkpoint recorded by the monitored ModelCheckpoint state in ``last.ckpt``, or ``SystemExit``."""
+        start = f"visionkit {subcommand}: --ckpt_path best:"
+        advice = (
+            "Train with a monitored checkpoint (e.g. --checkpoint.monitor=val/top1 --checkpoint.mode=max) or give "
+            "--ckpt_path=<file>."
+        )
+        last, where = self._last_checkpoint()
+        if last is None:
+            raise SystemExit(f"{start} there is no last.ckpt in {where}, where a run records its best. {advice}")
+        problem = checkpoint_problem(last, weights_only)
+        if problem is not None:
+            raise SystemExit(f"{start} cannot read {last}, which records the best checkpoint: {problem}. {advice}")
+        checkpoint = torch.load(last, map_location="cpu", weights_only=weights_only, mmap=zipfile.is_zipfile(last))
+        callbacks = checkpoint.get("callbacks") or {}
+        states = {key: state for key, state in callbacks.items() if isinstance(state, dict) and "monitor" in state}
+        monitored = {key: state for key, state in states.items() if state["monitor"] and state.get("best_model_path")}
+        # Prefer the state of this config's own monitored ModelCheckpoint (its state_key names monitor and mode).
+        own = [c.state_key for c in self.trainer.checkpoint_callbacks if getattr(c, "monitor", None)]
+        chosen = [key for key in own if key in monitored] or list(monitored)
+        if not chosen:
+            unset = [state["monitor"] for state in states.values() if state["monitor"]]
+            reason = (
+                f"the ModelCheckpoint monitoring {unset} has not saved a best checkpoint yet (was the metric logged?)"
+                if unset
+                else "the run's ModelCheckpoint had no monitor, so it only kept the newest epochs"
+            )
+            raise SystemExit(f"{start} {last} records no monitored best checkpoint: {reason}. {advice}")
+        if len(chosen) > 1:
+            monitors = [monitored[key]["monitor"] for key in chosen]
+            raise SystemExit(
+                f"{start} {last} records the best checkpoints of several monitors {monitors}; set --checkpoint.monitor "
+                "(and --checkpoint.mode) as in training to pick one, or give --ckpt_path=<file>."
+            )
+        state = monitored[chosen[0]]
+        best = Path(state["best_model_path"])
+        if not best.is_file():
+            moved = Path(last).parent / best.name  # the run folder was moved or copied since training
+            if not moved.is_file():
+                raise SystemExit(
+                    f"{start} {last} names {best} as the best checkpoint ({state['monitor']}), but neither it nor "
+                    f"{moved} exists. Give --ckpt_path=<file>."
+                )
+            best = moved
+        if rank_zero_only.rank == 0:
+            score = state.get("best_model_score")
+            value = f" = {float(score):.6g}" if score is not None else ""
+            print(f"{start} {best} (best {state['monitor']}{value}, recorded in {last})", file=sys.stderr, flush=True)
+        return str(best)
+
     def _checked_ckpt_path(self, subcommand: str, ckpt_path: str, weights_only: bool) -> str | None:
         """The checkpoint file the subcommand should load (``None``: none), or ``SystemExit`` with the reason.
 
-        ``best``, ``hpc`` and remote paths (``s3://...``) are left to Lightning.
+        ``best`` of ``fit``, ``hpc`` and remote paths (``s3://...``) are left to Lightning.
         """
+        if ckpt_path == "best" and subcommand != "fit":
+            ckpt_path = self._best_checkpoint(subcommand, weights_only)
         if ckpt_path in ("best", "hpc") or "://" in ckpt_path:
             return ckpt_path
         if ckpt_path == "last":
-            folders = sorted({str(c.dirpath) for c in self.trainer.checkpoint_callbacks if getattr(c, "dirpath", None)})
-            found = {
-                path
-                for callback in self.trainer.checkpoint_callbacks
-                if isinstance(callback, ModelCheckpoint)
-                for path in callback._find_last_checkpoints(self.trainer)
-                if Path(path).is_file()
-            }
-            where = ", ".join(folders) or "the checkpoint folder (no ModelCheckpoint is configured)"
-            if not found:
+            found, where = self._last_checkpoint()
+            if found is None:
                 if subcommand != "fit":
                     raise SystemExit(
                         f"visionkit {subcommand}: --ckpt_path last: there is no last.ckpt in {where}, so there are no "
@@ -135,7 +202,7 @@ class VisionkitCLI(LightningCLI):
                         flush=True,
                     )
                 return None
-            ckpt_path = max(found, key=os.path.getmtime)
+            ckpt_path = found
         problem = checkpoint_problem(ckpt_path, weights_only)
         if problem is None:
             return ckpt_path
@@ -169,8 +236,8 @@ def main(args: ArgsType = None, run: bool = True) -> VisionkitCLI:
 
     Raises:
         SystemExit: Bad arguments (status 2, from the parser), or a ``--ckpt_path`` that is damaged or, for the
-            evaluation subcommands, ``last`` without a checkpoint (status 1; the message names the file and, for a
-            damaged one, the intact checkpoints next to it).
+            evaluation subcommands, ``last`` without a checkpoint or ``best`` without a recorded monitored best
+            (status 1; the message names the file and, for a damaged one, the intact checkpoints next to it).
     """
     return VisionkitCLI(args=args, run=run)
 

@@ -1,6 +1,8 @@
 """Draw instance predictions (masks, boxes, class names, scores) over images and save them as PNG (PIL only).
 
 :func:`overlay_instances` draws one image; :func:`image_grid` tiles several; :func:`save_png` writes atomically.
+:func:`heatmap_overlay` blends a coarse score map (e.g. per-token attention) over an image, :func:`patch_mask_overlay`
+greys out the masked cells of a token grid, and :func:`with_caption` adds a line of text above or below a picture.
 Colours come from a fixed palette indexed by label, so a class keeps its colour across images and epochs::
 
     panel = overlay_instances(image, masks=pred["masks"], boxes=pred["boxes"], labels=pred["labels"],
@@ -20,7 +22,17 @@ from PIL import Image, ImageDraw
 
 from visionkit.utils.io import atomic_write
 
-__all__ = ["PALETTE", "image_grid", "overlay_instances", "save_png", "to_uint8_image"]
+__all__ = [
+    "PALETTE",
+    "colorize",
+    "heatmap_overlay",
+    "image_grid",
+    "overlay_instances",
+    "patch_mask_overlay",
+    "save_png",
+    "to_uint8_image",
+    "with_caption",
+]
 
 #: RGB colours, one per label (cycled): the 10 "tab10" colours.
 PALETTE: tuple[tuple[int, int, int], ...] = (
@@ -34,6 +46,22 @@ PALETTE: tuple[tuple[int, int, int], ...] = (
     (127, 127, 127),
     (188, 189, 34),
     (23, 190, 207),
+)
+
+# matplotlib's "viridis" sampled at 0, 1/8, ..., 1 (perceptually uniform, readable in grey); linear in between.
+_VIRIDIS_ANCHORS = np.array(
+    [
+        (68, 1, 84),
+        (71, 44, 122),
+        (59, 81, 139),
+        (44, 113, 142),
+        (33, 144, 141),
+        (39, 173, 129),
+        (92, 200, 99),
+        (170, 220, 50),
+        (253, 231, 37),
+    ],
+    dtype=np.float64,
 )
 
 
@@ -183,3 +211,189 @@ def save_png(image: Image.Image, path: str | os.PathLike[str]) -> Path:
         The written path.
     """
     return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+def colorize(values: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Map values in ``[0, 1]`` to RGB colours of the viridis colour map (dark violet → yellow).
+
+    Args:
+        values: Array of any shape; values outside ``[0, 1]`` are clipped, NaN counts as 0.
+
+    Returns:
+        uint8 array of shape ``values.shape + (3,)``.
+    """
+    array = np.nan_to_num(np.asarray(_as_numpy(values), dtype=np.float64), nan=0.0)
+    position = np.clip(array, 0.0, 1.0) * (len(_VIRIDIS_ANCHORS) - 1)
+    low = np.minimum(np.floor(position).astype(np.int64), len(_VIRIDIS_ANCHORS) - 2)
+    weight = (position - low)[..., None]
+    colors = (1.0 - weight) * _VIRIDIS_ANCHORS[low] + weight * _VIRIDIS_ANCHORS[low + 1]
+    return np.clip(np.rint(colors), 0, 255).astype(np.uint8)
+
+
+def heatmap_overlay(
+    image: torch.Tensor | np.ndarray,
+    heat: torch.Tensor | np.ndarray,
+    alpha: float = 0.6,
+    normalize: bool = True,
+    smooth: bool = False,
+    desaturate: bool = True,
+) -> Image.Image:
+    """Blend a score map, coloured with :func:`colorize`, over an image.
+
+    Args:
+        image: ``(3, H, W)`` tensor or ``(H, W, 3)`` array (see :func:`to_uint8_image`).
+        heat: ``(h, w)`` scores, e.g. one per token; resized to ``(H, W)``.
+        alpha: Opacity of the colours in ``[0, 1]`` (1: the map alone).
+        normalize: Min–max scale ``heat`` to ``[0, 1]`` first (a constant map becomes 0); otherwise it is clipped.
+        smooth: Bilinear upsampling; the default (nearest) shows each score as a block over its cell.
+        desaturate: Blend over the image's luminance (ITU-R 601 weights), so the image's own hues do not mix with
+            the colour map's.
+
+    Returns:
+        An RGB ``PIL.Image`` of the image's size.
+
+    Raises:
+        ValueError: ``heat`` is not 2-D.
+    """
+    canvas = to_uint8_image(image).astype(np.float32)
+    if desaturate:
+        canvas = np.repeat(canvas @ np.array([[0.299], [0.587], [0.114]], dtype=np.float32), 3, axis=2)
+    scores = np.asarray(_as_numpy(heat), dtype=np.float32)
+    if scores.ndim != 2:
+        raise ValueError(f"heat must have shape (h, w), got {scores.shape}")
+    if normalize:
+        low, high = float(scores.min()), float(scores.max())
+        scores = (scores - low) / (high - low) if high > low else np.zeros_like(scores)
+    height, width = canvas.shape[:2]
+    resample = Image.Resampling.BILINEAR if smooth else Image.Resampling.NEAREST
+    upsampled = np.asarray(Image.fromarray(scores, mode="F").resize((width, height), resample))
+    blended = (1.0 - alpha) * canvas + alpha * colorize(upsampled).astype(np.float32)
+    return Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8))
+
+
+def _cell_edges(cells: int, pixels: int) -> list[int]:
+    """Pixel boundaries of ``cells`` equal cells across ``pixels`` (rounded when they do not divide evenly)."""
+    return [round(index * pixels / cells) for index in range(cells + 1)]
+
+
+# (cells, rgb) or (cells, rgb, line width): see patch_mask_overlay.
+_Outline = (
+    tuple[torch.Tensor | np.ndarray, tuple[int, int, int]] | tuple[torch.Tensor | np.ndarray, tuple[int, int, int], int]
+)
+
+
+def patch_mask_overlay(
+    image: torch.Tensor | np.ndarray,
+    mask: torch.Tensor | np.ndarray,
+    outlines: Sequence[_Outline] = (),
+    fill: tuple[int, int, int] = (128, 128, 128),
+    alpha: float = 0.7,
+    hatch_spacing: int = 6,
+    outline_width: int = 2,
+) -> Image.Image:
+    """Grey out and hatch the masked cells of a regular token grid laid over an image; optionally outline cells.
+
+    Args:
+        image: ``(3, H, W)`` tensor or ``(H, W, 3)`` array (see :func:`to_uint8_image`).
+        mask: ``(h, w)`` bool, ``True`` = masked; cell ``(i, j)`` covers rows ``i·H/h .. (i+1)·H/h`` and the
+            matching columns (pixels).
+        outlines: ``(cells, rgb)`` or ``(cells, rgb, width)``: every ``True`` cell of the ``(h, w)`` bool ``cells``
+            gets a rectangle of colour ``rgb`` (line ``width`` px, default ``outline_width``), inset by one pixel so
+            neighbouring cells stay apart. Later entries are drawn on top.
+        fill: Colour blended into masked cells.
+        alpha: Opacity of ``fill`` in ``[0, 1]``.
+        hatch_spacing: Pixels between the diagonal hatch lines of masked cells (0: no hatching).
+        outline_width: Default line width of the outlines in pixels.
+
+    Returns:
+        An RGB ``PIL.Image`` of the image's size.
+
+    Raises:
+        ValueError: ``mask`` is not 2-D, or an outline grid differs from its shape.
+    """
+    canvas = to_uint8_image(image).astype(np.float32)
+    cells = np.asarray(_as_numpy(mask)).astype(bool)
+    if cells.ndim != 2:
+        raise ValueError(f"mask must have shape (h, w), got {cells.shape}")
+    height, width = canvas.shape[:2]
+    rows, cols = _cell_edges(cells.shape[0], height), _cell_edges(cells.shape[1], width)
+    # Expand the cell grid to pixels through the index of the cell each pixel row / column falls in.
+    row_cell = np.searchsorted(rows, np.arange(height), side="right") - 1
+    col_cell = np.searchsorted(cols, np.arange(width), side="right") - 1
+    covered = cells[row_cell[:, None], col_cell[None, :]]
+    fill_color = np.asarray(fill, dtype=np.float32)
+    canvas[covered] = (1.0 - alpha) * canvas[covered] + alpha * fill_color
+    if hatch_spacing > 0:
+        diagonal = (np.arange(height)[:, None] + np.arange(width)[None, :]) % hatch_spacing == 0
+        canvas[covered & diagonal] = 0.5 * fill_color
+    result = Image.fromarray(np.clip(np.rint(canvas), 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(result)
+    for selection, color, *line in outlines:
+        chosen = np.asarray(_as_numpy(selection)).astype(bool)
+        if chosen.shape != cells.shape:
+            raise ValueError(f"outline cells have shape {chosen.shape} but the mask has {cells.shape}")
+        for i, j in zip(*np.nonzero(chosen), strict=True):
+            box = (cols[j] + 1, rows[i] + 1, cols[j + 1] - 2, rows[i + 1] - 2)
+            draw.rectangle(box, outline=tuple(color), width=line[0] if line else outline_width)
+    return result
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, width: float) -> list[str]:
+    """``text`` broken at spaces into lines at most ``width`` pixels wide (a longer single word stays whole)."""
+    lines: list[str] = []
+    for paragraph in text.split("\n"):
+        line = ""
+        for word in paragraph.split(" "):
+            candidate = f"{line} {word}" if line else word
+            if line and draw.textlength(candidate) > width:
+                lines.append(line)
+                line = word
+            else:
+                line = candidate
+        lines.append(line)
+    return lines
+
+
+def with_caption(
+    image: Image.Image,
+    text: str,
+    position: str = "top",
+    max_lines: int | None = None,
+    padding: int = 2,
+) -> Image.Image:
+    """The image with a white band of black text above or below it, wrapped to the image's width.
+
+    Args:
+        image: The picture.
+        text: Caption; a newline character starts a new line, long lines wrap at spaces.
+        position: ``"top"`` or ``"bottom"``.
+        max_lines: Keep at most this many lines (the last one then ends with ``...``); ``None``: all.
+        padding: Pixels around the text.
+
+    Returns:
+        A new RGB image, as wide as ``image`` and taller by the band.
+
+    Raises:
+        ValueError: Unknown ``position`` or ``max_lines < 1``.
+    """
+    if position not in ("top", "bottom"):
+        raise ValueError(f"position must be 'top' or 'bottom', got {position!r}")
+    if max_lines is not None and max_lines < 1:
+        raise ValueError(f"max_lines must be >= 1 or None, got {max_lines}")
+    measure = ImageDraw.Draw(image)
+    lines = _wrap(measure, text, image.width - 2 * padding)
+    if max_lines is not None and len(lines) > max_lines:
+        lines = lines[:max_lines]
+        while lines[-1] and measure.textlength(lines[-1] + "...") > image.width - 2 * padding:
+            lines[-1] = lines[-1][:-1]
+        lines[-1] += "..."
+    line_height = measure.textbbox((0, 0), "Hg")[3] + 2
+    band = len(lines) * line_height + 2 * padding
+    result = Image.new("RGB", (image.width, image.height + band), (255, 255, 255))
+    top = band if position == "top" else 0
+    result.paste(image.convert("RGB"), (0, top))
+    draw = ImageDraw.Draw(result)
+    text_top = padding if position == "top" else image.height + padding
+    for index, line in enumerate(lines):
+        draw.text((padding, text_top + index * line_height), line, fill=(0, 0, 0))
+    return result

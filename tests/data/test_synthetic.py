@@ -20,7 +20,7 @@ from visionkit.data.synthetic import (
     write_shapes_coco,
 )
 
-SMALL = {"coco": (5, 4), "ade20k": (4, 4), "classification": (2, 1)}
+SMALL = {"coco": (5, 4), "ade20k": (4, 4), "classification": (2, 1), "pretraining": (3, 2)}
 
 
 def _to_rle(segmentation: Any, height: int, width: int) -> dict[str, Any]:
@@ -202,7 +202,7 @@ def test_writers_refuse_to_overwrite_and_validate_arguments(tmp_path: Path) -> N
 
 def test_demo_data_is_written_once_and_repaired(tmp_path: Path) -> None:
     paths = write_demo_data(tmp_path, sizes=SMALL)
-    assert sorted(paths) == ["ade20k", "classification", "coco"]
+    assert sorted(paths) == ["ade20k", "classification", "coco", "pretraining"]
     manifest = json.loads(paths["coco"]["manifest"].read_text())
     assert manifest["complete"] is True
     assert manifest["settings"]["seed"] == 0 and manifest["settings"]["sizes"] == [5, 4]

@@ -35,6 +35,24 @@ def test_lightning_checkpoint_converts_to_weights_create_model_loads(tmp_path):
     torch.testing.assert_close(reloaded(x), model(x), rtol=0, atol=0)
 
 
+def test_select_prefix_keeps_one_sub_network(tmp_path):
+    torch.manual_seed(0)
+    model = visionkit.create_model("test_resnet", num_classes=3).eval()
+    other = torch.nn.Linear(2, 2)
+    state = {f"teacher.backbone.{k}": v for k, v in model.state_dict().items()}
+    state.update({f"student.backbone.{k}": torch.zeros_like(v) for k, v in model.state_dict().items()})
+    state.update({f"teacher.head.{k}": v for k, v in other.state_dict().items()})
+    torch.save({"state_dict": state}, tmp_path / "last.ckpt")
+    out = _run(str(tmp_path / "last.ckpt"), str(tmp_path / "t.safetensors"), "--select-prefix", "teacher.backbone.")
+    assert out.returncode == 0, out.stderr
+    reloaded = visionkit.create_model("test_resnet", checkpoint_path=tmp_path / "t.safetensors").eval()
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(reloaded(x), model(x), rtol=0, atol=0)
+    missing = _run(str(tmp_path / "last.ckpt"), str(tmp_path / "x.safetensors"), "--select-prefix", "ema.")
+    assert missing.returncode == 1
+    assert "no keys under 'ema.'" in missing.stderr and "student." in missing.stderr and "teacher." in missing.stderr
+
+
 class _Payload:
     def __reduce__(self):
         return (os.system, (f"touch {pathlib.Path(os.environ['VK_PWNED'])}",))

@@ -2,13 +2,16 @@
 
 * Readers: :func:`read_image`, :func:`read_label_map` (``image_io``).
 * Datasets: :class:`COCODataset`, :class:`ADE20KDataset`, :class:`ImageFolderClassification`,
-  :class:`UnlabeledImageFolder`.
+  :class:`UnlabeledImageFolder` (also multi-dataset pretraining collections, ``root/<dataset>/images``).
 * Transforms (``transforms``) and their presets (``presets``): ``(image, target) -> (image, target)`` callables that
   keep boxes, instance masks and label maps consistent with the image.
-* Collate functions (``collate``) and datamodules (``datamodule_base``, ``datamodules``, and ``unreadable`` for
-  ``skip_unreadable``: the only modules here that import Lightning).
+* Multi-crop views for DINO / iBOT / OpenUS pretraining (``multicrop``: :class:`MultiCrop`,
+  :func:`collate_multicrop`, :class:`MultiCropDataModule`).
+* Collate functions (``collate``) and datamodules (``datamodule_base``, ``datamodules``, ``multicrop``, and
+  ``unreadable`` for ``skip_unreadable``: the only modules here that import Lightning).
 * EXIF frame decision (``image_io``: ``exif_orientation``) and the inference image folder (``NumberedImageFolder``).
-* Synthetic writers (``synthetic``): tiny datasets in the same real formats, for tests and the quickstart.
+* Synthetic writers (``synthetic``, ``synthetic_corpus``): tiny datasets in the same real formats, for tests and the
+  quickstart.
 """
 
 from visionkit.data.ade20k import ADE20K_CLASSES, ADE20KDataset
@@ -28,6 +31,7 @@ from visionkit.data.datamodules import (
     SeededRandomSampler,
     UnlabeledImageFolderDataModule,
 )
+from visionkit.data.holdout import HeldOutSplit, holdout_indices
 from visionkit.data.image_folder import ImageFolderClassification, NumberedImageFolder, UnlabeledImageFolder
 from visionkit.data.image_io import (
     IMAGE_EXTENSIONS,
@@ -38,6 +42,7 @@ from visionkit.data.image_io import (
     read_image,
     read_label_map,
 )
+from visionkit.data.multicrop import MultiCrop, MultiCropDataModule, collate_multicrop
 from visionkit.data.presets import classification_transforms, detection_transforms, segmentation_transforms
 from visionkit.data.synthetic import (
     DEMO_KINDS,
@@ -49,6 +54,7 @@ from visionkit.data.synthetic import (
     write_shapes_classification,
     write_shapes_coco,
 )
+from visionkit.data.synthetic_corpus import write_unlabeled_corpus
 from visionkit.data.transforms import (
     CenterCrop,
     Compose,
@@ -87,11 +93,14 @@ __all__ = [
     "CenterCrop",
     "Compose",
     "ExifOrientationMode",
+    "HeldOutSplit",
     "ImageFolderClassification",
     "ImageFolderDataModule",
     "ImageFolderInferenceDataModule",
     "ImageReadError",
     "JointTransform",
+    "MultiCrop",
+    "MultiCropDataModule",
     "Normalize",
     "NumberedImageFolder",
     "PadToMultiple",
@@ -109,9 +118,11 @@ __all__ = [
     "classification_transforms",
     "collate_classification",
     "collate_detection",
+    "collate_multicrop",
     "collate_segmentation",
     "collate_unlabeled",
     "detection_transforms",
+    "holdout_indices",
     "read_exif_orientation",
     "read_image",
     "read_label_map",
@@ -120,4 +131,5 @@ __all__ = [
     "write_shapes_ade20k",
     "write_shapes_classification",
     "write_shapes_coco",
+    "write_unlabeled_corpus",
 ]

@@ -1,5 +1,4 @@
-"""LightningDataModules for COCO, ADE20K, image-folder classification, unlabeled image folders (pretraining) and
-image folders for inference.
+"""LightningDataModules for COCO, ADE20K, image folders (classification, unlabelled pretraining, inference).
 
 Every ``__init__`` argument is a plain, typed value, so each datamodule can be configured from YAML through
 ``visionkit.cli`` (``data.class_path: COCODataModule`` plus ``init_args``), and the saved hyper-parameters keep
@@ -19,6 +18,7 @@ from visionkit.data.ade20k import ADE20KDataset
 from visionkit.data.coco import COCODataset
 from visionkit.data.collate import collate_classification, collate_detection, collate_segmentation, collate_unlabeled
 from visionkit.data.datamodule_base import BaseDataModule, SeededRandomSampler
+from visionkit.data.holdout import HeldOutSplit, holdout_indices
 from visionkit.data.image_folder import ImageFolderClassification, NumberedImageFolder, UnlabeledImageFolder
 from visionkit.data.image_io import ExifOrientationMode
 from visionkit.data.presets import classification_transforms, detection_transforms, segmentation_transforms
@@ -28,8 +28,8 @@ __all__ = [
     "ADE20KDataModule",
     "BaseDataModule",
     "COCODataModule",
-    "ImageFolderInferenceDataModule",
     "ImageFolderDataModule",
+    "ImageFolderInferenceDataModule",
     "SeededRandomSampler",
     "UnlabeledImageFolderDataModule",
 ]
@@ -171,9 +171,13 @@ class ADE20KDataModule(BaseDataModule):
     multi-scale resize, ``crop_size`` random crops with ``cat_max_ratio``, flip, normalisation; evaluation resizes the
     short side to ``short_side`` (label maps with nearest neighbour). Each batch is padded at the bottom/right to its
     largest image, rounded up to a multiple of ``size_divisor`` (image 0, label 255); its ``image_size`` entry keeps
-    every sample's unpadded size. ADE20K has no public test labels: the test and predict stages use the validation
-    split. After ``setup``: ``class_names`` and ``num_classes`` (150, or 151 without ``reduce_zero_label``);
-    ``ignore_index`` is 255.
+    every sample's unpadded size. After ``setup``: ``class_names`` and ``num_classes`` (150, or 151 without
+    ``reduce_zero_label``); ``ignore_index`` is 255.
+
+    Splits: ADE20K has no public test labels. By default the val, test and predict stages all read the
+    ``validation`` folder. With ``val_fraction > 0`` the val split is that share of the ``training`` folder, held out
+    of training (:func:`holdout_indices`: the same images on every run, whatever the seed), and the ``validation``
+    folder is the test (and predict) split only: a probe selects its epoch on val and reports test.
 
     Args:
         data_root: The ``ADEChallengeData2016`` folder or the folder that contains it.
@@ -190,6 +194,8 @@ class ADE20KDataModule(BaseDataModule):
         exif_orientation: Frame of images with an EXIF orientation tag: ``"auto"`` (stored pixels when their size
             matches the label map's, else upright), ``"stored"`` or ``"upright"``
             (see :class:`~visionkit.data.ade20k.ADE20KDataset`).
+        val_fraction: Share of the training folder held out as the val split, in ``[0, 1)``; 0 validates on the
+            ``validation`` folder (which is then also the test split).
         **kwargs: Loader settings of :class:`BaseDataModule` (``batch_size``, ``num_workers``, ``seed``,
             ``skip_unreadable``, ...).
     """
@@ -211,16 +217,19 @@ class ADE20KDataModule(BaseDataModule):
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
         exif_orientation: ExifOrientationMode = "auto",
+        val_fraction: float = 0.0,
         **kwargs: Any,
     ) -> None:
         data_root = str(data_root)  # saved hyper-parameters must stay plain values (no Path) for weights-only loading
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         super().__init__(**kwargs)
         self.data_root = Path(data_root)
         # Padding to the stride happens per batch, so that the collated ``image_size`` is the unpadded size.
         self.collate_fn = functools.partial(collate_segmentation, size_divisor=max(size_divisor, 1))
 
-    def build_dataset(self, split: str) -> ADE20KDataset:
-        """Construct the ``ADE20KDataset`` of ``split`` (training for ``train``, validation otherwise)."""
+    def build_dataset(self, split: str) -> ADE20KDataset | HeldOutSplit:
+        """The dataset of ``split``: the ``training`` folder (or its kept / held-out part) or ``validation``."""
         hp = self.hparams
         transforms = segmentation_transforms(
             split == "train",
@@ -235,16 +244,21 @@ class ADE20KDataModule(BaseDataModule):
             mean=hp.mean,
             std=hp.std,
         )
-        ade_split = "training" if split == "train" else "validation"
+        held_out = hp.val_fraction > 0
+        ade_split = "training" if split == "train" or (held_out and split == "val") else "validation"
         # Resolved here, not in __init__: with generate_demo the folder only exists after prepare_data.
         root = _ade20k_folder(self.data_root)
-        return ADE20KDataset(
+        dataset = ADE20KDataset(
             root,
             ade_split,
             transforms=transforms,
             reduce_zero_label=hp.reduce_zero_label,
             exif_orientation=hp.exif_orientation,
         )
+        if not held_out or ade_split != "training":
+            return dataset
+        kept, held = holdout_indices(len(dataset), hp.val_fraction)
+        return HeldOutSplit(dataset, held if split == "val" else kept)
 
 
 class ImageFolderDataModule(BaseDataModule):
@@ -253,7 +267,11 @@ class ImageFolderDataModule(BaseDataModule):
     Transforms follow the timm / torchvision ImageNet recipe
     (:func:`~visionkit.data.presets.classification_transforms`). Every split uses the training split's class list
     (its sorted folder names, or ``class_names``), so a class folder missing from one split cannot shift the labels.
-    Without ``test_split`` the test and predict stages use the val split.
+
+    Splits: the test and predict stages read ``test_split``, or ``val_split`` when it is ``None``. With
+    ``val_fraction > 0`` the val split is that share of every class of ``train_split``, held out of training
+    (:func:`holdout_indices`: the same images on every run), for datasets that ship only train and test folders;
+    ``val_split`` is then not read unless it is the test split.
 
     Args:
         data_root: Folder holding the split folders.
@@ -267,6 +285,7 @@ class ImageFolderDataModule(BaseDataModule):
         flip_prob: Training horizontal-flip probability.
         mean: Per-channel mean.
         std: Per-channel standard deviation.
+        val_fraction: Share of each training class held out as the val split, in ``[0, 1)``; 0 reads ``val_split``.
         **kwargs: Loader settings of :class:`BaseDataModule` (``batch_size``, ``num_workers``, ``seed``,
             ``skip_unreadable``, ...).
     """
@@ -287,13 +306,17 @@ class ImageFolderDataModule(BaseDataModule):
         flip_prob: float = 0.5,
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
+        val_fraction: float = 0.0,
         **kwargs: Any,
     ) -> None:
         data_root = str(data_root)  # saved hyper-parameters must stay plain values (no Path) for weights-only loading
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         super().__init__(**kwargs)
         self.root = Path(data_root)
         test = test_split or val_split
-        self.split_folders = {"train": train_split, "val": val_split, "test": test, "predict": test}
+        val = train_split if val_fraction > 0 else val_split
+        self.split_folders = {"train": train_split, "val": val, "test": test, "predict": test}
 
     def _reference_class_names(self) -> list[str] | None:
         if self.hparams.class_names is not None:
@@ -306,8 +329,8 @@ class ImageFolderDataModule(BaseDataModule):
         # The dataset's own rule: sorted sub-folder names, hidden ones skipped.
         return sorted(p.name for p in train_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
 
-    def build_dataset(self, split: str) -> ImageFolderClassification:
-        """Construct the ``ImageFolderClassification`` of ``split`` with the training split's classes."""
+    def build_dataset(self, split: str) -> ImageFolderClassification | HeldOutSplit:
+        """The ``ImageFolderClassification`` of ``split`` (or its part) with the training split's classes."""
         hp = self.hparams
         transforms = classification_transforms(
             split == "train",
@@ -318,9 +341,13 @@ class ImageFolderDataModule(BaseDataModule):
             mean=hp.mean,
             std=hp.std,
         )
-        return ImageFolderClassification(
+        dataset = ImageFolderClassification(
             self.root, self.split_folders[split], transforms=transforms, class_names=self._reference_class_names()
         )
+        if hp.val_fraction == 0 or split not in ("train", "val"):
+            return dataset
+        kept, held = holdout_indices(len(dataset), hp.val_fraction, groups=dataset.targets)
+        return HeldOutSplit(dataset, held if split == "val" else kept)
 
 
 class UnlabeledImageFolderDataModule(BaseDataModule):
@@ -328,7 +355,10 @@ class UnlabeledImageFolderDataModule(BaseDataModule):
 
     Batches come from ``collate_unlabeled``: ``(images (B, 3, S, S), {"image_id": [...], "path": [...]})`` with
     ``RandomResizedCrop(image_size, scale)``, flip and normalisation. There is no val/test/predict loader (the
-    Trainer then skips validation).
+    Trainer then skips validation). With ``image_subdir`` only ``data_root/<dataset>/<image_subdir>/**`` is read
+    (a multi-dataset collection; targets add ``dataset``), see
+    :class:`~visionkit.data.image_folder.UnlabeledImageFolder`.
+    For multi-crop views (DINO / iBOT / OpenUS) use :class:`~visionkit.data.multicrop.MultiCropDataModule`.
 
     Args:
         data_root: Folder to walk.
@@ -337,6 +367,8 @@ class UnlabeledImageFolderDataModule(BaseDataModule):
         flip_prob: Horizontal-flip probability.
         mean: Per-channel mean.
         std: Per-channel standard deviation.
+        image_subdir: Image folder inside each dataset folder of ``data_root``; ``None`` walks all of it.
+        skip_incomplete: With ``image_subdir``, skip (with a warning) dataset folders that give no images.
         **kwargs: Loader settings of :class:`BaseDataModule` (``batch_size``, ``num_workers``, ``seed``,
             ``skip_unreadable``, ...).
     """
@@ -357,6 +389,8 @@ class UnlabeledImageFolderDataModule(BaseDataModule):
         flip_prob: float = 0.5,
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
+        image_subdir: str | None = None,
+        skip_incomplete: bool = False,
         **kwargs: Any,
     ) -> None:
         data_root = str(data_root)  # saved hyper-parameters must stay plain values (no Path) for weights-only loading
@@ -369,7 +403,9 @@ class UnlabeledImageFolderDataModule(BaseDataModule):
         transforms = classification_transforms(
             True, image_size=hp.image_size, scale=hp.scale, flip_prob=hp.flip_prob, mean=hp.mean, std=hp.std
         )
-        return UnlabeledImageFolder(self.root, transforms=transforms)
+        return UnlabeledImageFolder(
+            self.root, transforms=transforms, image_subdir=hp.image_subdir, skip_incomplete=hp.skip_incomplete
+        )
 
 
 class ImageFolderInferenceDataModule(BaseDataModule):

@@ -1,4 +1,7 @@
-"""Image-folder datasets: labelled ``root/<split>/<class>/<image>`` trees and unlabelled recursive corpora.
+"""Image-folder datasets: labelled class trees, unlabelled corpora and multi-dataset pretraining collections.
+
+Layouts: ``root/<split>/<class>/<image>`` (:class:`ImageFolderClassification`), any tree of images or
+``root/<dataset>/<image_subdir>/**`` (:class:`UnlabeledImageFolder`).
 
 Folders and files are walked recursively (following symbolic links) and sorted, so the item order is the same on
 every machine; names starting with ``.`` are skipped, as are files whose suffix is not in ``extensions``.
@@ -12,6 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -141,48 +145,123 @@ class ImageFolderClassification(Dataset):
 class UnlabeledImageFolder(Dataset):
     """Every image under ``root`` (recursive, sorted), for pretraining corpora without labels.
 
-    Items are ``(image uint8 (3, H, W), {"image_id": int index, "path": str})``;
-    ``transforms(image, target) -> (image, target)`` is applied last.
+    Two layouts:
+
+    - ``image_subdir=None``: every image below ``root``. Items are
+      ``(image uint8 (3, H, W), {"image_id": int index, "path": str})``.
+    - ``image_subdir="images"`` (the OpenUS collection): ``root`` holds one folder per source dataset and only
+      ``root/<dataset>/images/**`` is read, so siblings such as ``masks/`` or ``labels/`` never leak into the corpus.
+      Files directly in ``root`` and hidden folders are ignored. Items add ``"dataset": <folder name>`` to the target;
+      :attr:`dataset_sizes` gives the images per dataset. A dataset folder without that sub-folder, or whose
+      sub-folder holds no image, is an error naming every such folder (a half-downloaded dataset should not silently
+      shrink the corpus); ``skip_incomplete=True`` drops them with one warning instead.
+
+    ``transforms(image, target) -> (image, target)`` is applied last. Images are decoded by
+    :func:`~visionkit.data.image_io.read_image` (greyscale and 16-bit files become 8-bit RGB).
 
     Args:
-        root: Folder to walk.
+        root: Folder to walk (the collection root when ``image_subdir`` is set).
         transforms: Joint image/target transform.
         extensions: File suffixes treated as images (case-insensitive).
+        image_subdir: Name of the image folder inside each dataset folder; ``None`` walks all of ``root``.
+        skip_incomplete: With ``image_subdir``, skip (with a warning) dataset folders without images instead of
+            raising.
 
     Raises:
         FileNotFoundError: ``root`` does not exist.
-        ValueError: No images under ``root``.
+        ValueError: No images under ``root``; with ``image_subdir``, no dataset folder, or (unless
+            ``skip_incomplete``) dataset folders without ``image_subdir`` or without images in it.
     """
 
     def __init__(
-        self, root: str | Path, transforms: Transforms | None = None, extensions: Iterable[str] = IMAGE_EXTENSIONS
+        self,
+        root: str | Path,
+        transforms: Transforms | None = None,
+        extensions: Iterable[str] = IMAGE_EXTENSIONS,
+        image_subdir: str | None = None,
+        skip_incomplete: bool = False,
     ) -> None:
         self.root = Path(root)
         self.transforms = transforms
         self.extensions = _normalise_extensions(extensions)
+        self.image_subdir = image_subdir
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.root}")
-        self.paths: list[Path] = _walk_images(self.root, self.extensions)
-        if not self.paths:
-            raise ValueError(f"no images with extensions {list(self.extensions)} under {self.root}")
+        #: Dataset folder names in sorted order (empty without ``image_subdir``).
+        self.dataset_names: list[str] = []
+        # Per item, the position of its dataset in `dataset_names` (one array, not 300K Python ints).
+        self._dataset_of = np.zeros(0, dtype=np.int32)
+        if image_subdir is None:
+            self.paths: list[Path] = _walk_images(self.root, self.extensions)
+            if not self.paths:
+                raise ValueError(f"no images with extensions {list(self.extensions)} under {self.root}")
+        else:
+            self.paths = self._walk_datasets(image_subdir, skip_incomplete)
+
+    def _walk_datasets(self, image_subdir: str, skip_incomplete: bool) -> list[Path]:
+        folders = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not folders:
+            raise ValueError(
+                f"no dataset folders in {self.root} (expected <dataset>/{image_subdir}/<images> sub-folders)"
+            )
+        paths: list[Path] = []
+        counts: list[int] = []
+        missing, empty = [], []
+        for name in folders:
+            directory = self.root / name / image_subdir
+            files = _walk_images(directory, self.extensions) if directory.is_dir() else []
+            if not directory.is_dir():
+                missing.append(name)
+            elif not files:
+                empty.append(name)
+            else:
+                self.dataset_names.append(name)
+                counts.append(len(files))
+                paths += files
+        if missing or empty:
+            parts = [f"{len(missing)} without a {image_subdir!r} folder: {missing}"] if missing else []
+            if empty:
+                parts.append(f"{len(empty)} with no {list(self.extensions)} file in it: {empty}")
+            message = f"{self.root}: {len(missing) + len(empty)} of {len(folders)} dataset folders give no images, "
+            message += "; ".join(parts)
+            if not skip_incomplete:
+                raise ValueError(f"{message}. Fix or move them, or pass skip_incomplete=True to skip them.")
+            if not paths:
+                raise ValueError(f"{message}; no images left")
+            warnings.warn(f"{message}; skipped (skip_incomplete=True)", stacklevel=3)
+        self._dataset_of = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
+        return paths
+
+    @property
+    def dataset_sizes(self) -> dict[str, int]:
+        """Images per dataset folder, in sorted folder order (empty without ``image_subdir``)."""
+        counts = np.bincount(self._dataset_of, minlength=len(self.dataset_names))
+        return {name: int(count) for name, count in zip(self.dataset_names, counts, strict=True)}
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Item ``index``: ``(image uint8 (3, H, W), {"image_id", "path"})``."""
+        """Item ``index``: ``(image uint8 (3, H, W), {"image_id", "path"[, "dataset"]})``."""
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for a dataset of {len(self)} images")
         index = index % len(self)
         path = self.paths[index]
         image = read_image(path)
         target: dict[str, Any] = {"image_id": index, "path": str(path)}
+        if self.image_subdir is not None:
+            target["dataset"] = self.dataset_names[int(self._dataset_of[index])]
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         return image, target
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(root={str(self.root)!r}, images={len(self)})"
+        if self.image_subdir is None:
+            return f"{type(self).__name__}(root={str(self.root)!r}, images={len(self)})"
+        return (
+            f"{type(self).__name__}(root={str(self.root)!r}, image_subdir={self.image_subdir!r}, images={len(self)}, "
+            f"datasets={len(self.dataset_names)})"
+        )
 
 
 class NumberedImageFolder(UnlabeledImageFolder):

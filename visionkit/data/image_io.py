@@ -158,8 +158,14 @@ def read_image(path: str | Path, *, apply_exif_orientation: bool = True) -> torc
         - Greyscale, 1-bit, palette, CMYK, YCbCr and other colour modes are converted with Pillow's ``convert("RGB")``.
         - Alpha (RGBA, LA, palette transparency) is dropped: the stored colour under transparent pixels is kept,
           nothing is composited over a background.
-        - 16-bit greyscale (modes ``I;16*``) is scaled to 8 bit by ``value >> 8``; 32-bit integer mode ``I`` is
-          clipped to 0..65535 first and scaled the same way.
+        - 16-bit greyscale (modes ``I;16*``: 16-bit PNG and TIFF) is scaled to 8 bit by ``value >> 8``, i.e. by the
+          range of the dtype: 0 → 0, 65535 → 255, within 1 of ``round(value * 255 / 65535)`` and identical to
+          torchvision's ``to_dtype(uint16 → uint8, scale=True)``. (Pillow's own ``convert("L")`` clips every value
+          above 255 to white instead.) 32-bit integer mode ``I`` is clipped to 0..65535 first and scaled the same
+          way. 12-bit data stored in a 16-bit file (values 0..4095, as some medical and ultrasound exports hold)
+          therefore comes out as 0..15, nearly black. Nothing is guessed from the pixel values (a dark 16-bit image
+          would be brightened by mistake) and Pillow does not report PNG's optional ``sBIT`` chunk: rescale such
+          data before use (e.g. ``value << 4``).
         - Float images (mode ``F``) are taken on the 0..255 scale: clipped to [0, 255] and rounded; NaN becomes 0.
         - Greyscale results are repeated to 3 channels.
 

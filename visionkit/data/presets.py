@@ -11,8 +11,6 @@ from collections.abc import Sequence
 
 import torch
 
-from visionkit.utils.constants import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
-
 from visionkit.data.transforms import (
     CenterCrop,
     Compose,
@@ -25,6 +23,7 @@ from visionkit.data.transforms import (
     ToFloat,
     TransformFn,
 )
+from visionkit.utils.constants import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["classification_transforms", "detection_transforms", "segmentation_transforms"]
 

@@ -52,15 +52,18 @@ SHAPE_CATEGORIES: tuple[dict[str, Any], ...] = (
     {"id": 3, "name": "square", "supercategory": "shape"},
     {"id": 7, "name": "triangle", "supercategory": "shape"},
 )
-DEMO_KINDS: tuple[str, ...] = ("coco", "ade20k", "classification")
+DEMO_KINDS: tuple[str, ...] = ("coco", "ade20k", "classification", "pretraining")
 # (train, val) images for coco/ade20k; (train, val) images *per class* for classification. The COCO set is sized for
 # the quickstart (configs/quickstart.yaml): a Mask R-CNN trained from scratch for a few CPU minutes generalises far
 # better from 384 distinct images seen a few times than from 96 seen many times (segm AP50 ~0.5 vs ~0.35 on val).
-DEMO_SIZES: dict[str, tuple[int, int]] = {"coco": (384, 24), "ade20k": (64, 16), "classification": (120, 30)}
+# "pretraining" (visionkit.data.synthetic_corpus): (images per dataset, number of datasets).
+DEMO_SIZES: dict[str, tuple[int, int]] = {
+    "coco": (384, 24), "ade20k": (64, 16), "classification": (120, 30), "pretraining": (96, 2)
+}  # fmt: skip
 MANIFEST_NAME = "visionkit_manifest.json"
 _MANIFEST_VERSION = 1
 _KIND_CODES = {"coco": 0, "ade20k": 1, "classification": 2}
-_SPLIT_CODES = {"train": 0, "val": 1}
+_SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 _SPECIAL_SCENES = ("touching", "overlap", "crowd", "empty")
 _COCO_VAL_ID_OFFSET = 1_000_000
 _CIRCLE, _SQUARE, _TRIANGLE = 0, 1, 2
@@ -333,6 +336,9 @@ def _classification_paths(root: Path) -> dict[str, Path]:
     return {"root": root, "train": root / "train", "val": root / "val"}
 
 
+_PATHS = {"coco": _coco_paths, "ade20k": _ade20k_paths, "classification": _classification_paths}
+
+
 def write_shapes_coco(
     root: str | Path,
     num_train: int = 96,
@@ -444,11 +450,13 @@ def write_shapes_classification(
     image_size: int = 64,
     seed: int = 0,
     overwrite: bool = False,
+    num_per_class_test: int = 0,
 ) -> dict[str, Path]:
     """Write a one-shape-per-image classification set in the image-folder layout.
 
-    Layout: ``root/{train,val}/{circle,square,triangle}/<class>_<4 digits>.png``; each image is
-    ``image_size`` × ``image_size`` RGB with one shape 20–44 px across on a noisy background.
+    Layout: ``root/{train,val}/{circle,square,triangle}/<class>_<4 digits>.png`` (and ``root/test/...`` when
+    ``num_per_class_test > 0``); each image is ``image_size`` × ``image_size`` RGB with one shape 20–44 px across on a
+    noisy background. Train and val do not depend on ``num_per_class_test``.
 
     Args:
         root: Output directory.
@@ -457,19 +465,24 @@ def write_shapes_classification(
         image_size: Side length in pixels (48..512).
         seed: Seed of every random draw.
         overwrite: Replace existing non-empty split folders instead of raising.
+        num_per_class_test: Test images per class (0: no test split is written).
 
     Returns:
-        Paths: ``root``, ``train``, ``val`` (the split folders).
+        Paths: ``root``, ``train``, ``val`` and, if written, ``test`` (the split folders).
 
     Raises:
         FileExistsError: A split folder already holds files and ``overwrite`` is False.
         ValueError: A count is negative or ``image_size`` is outside 48..512.
     """
-    _check_arguments(num_per_class_train=num_per_class_train, num_per_class_val=num_per_class_val)
+    counts = {"train": num_per_class_train, "val": num_per_class_val, "test": num_per_class_test}
+    _check_arguments(**{f"num_per_class_{split}": count for split, count in counts.items()})
     if not 48 <= image_size <= 512:
         raise ValueError(f"image_size must be within 48..512, got {image_size}")
     paths = _classification_paths(Path(root))
-    for split, count in (("train", num_per_class_train), ("val", num_per_class_val)):
+    if num_per_class_test > 0:
+        paths["test"] = Path(root) / "test"
+    for split in [name for name in counts if name in paths]:
+        count = counts[split]
         _prepare_dirs([paths[split]], overwrite)
         for class_index, class_name in enumerate(SHAPE_CLASS_NAMES):
             (paths[split] / class_name).mkdir()
@@ -518,7 +531,7 @@ def write_demo_data(
     sizes: Mapping[str, tuple[int, int]] | None = None,
     force: bool = False,
 ) -> dict[str, dict[str, Path]]:
-    """Write the demo datasets under ``root/{coco,ade20k,classification}``, skipping complete ones.
+    """Write demo datasets under ``root/<kind>`` (coco, ade20k, classification, pretraining), skipping complete ones.
 
     Completeness: each kind folder holds ``visionkit_manifest.json`` with the generator settings (seed, sizes,
     version), ``"complete": true`` and every written file with its size in bytes. A kind is skipped when that
@@ -530,8 +543,9 @@ def write_demo_data(
     Args:
         root: Output directory.
         seed: Seed of every random draw.
-        kinds: Which of ``"coco"``, ``"ade20k"``, ``"classification"`` to write.
-        sizes: Per-kind ``(train, val)`` counts overriding :data:`DEMO_SIZES` (per class for classification).
+        kinds: Which of :data:`DEMO_KINDS` to write.
+        sizes: Per-kind ``(train, val)`` counts overriding :data:`DEMO_SIZES` (per class for classification; for
+            ``"pretraining"`` images per dataset and datasets, :mod:`~visionkit.data.synthetic_corpus`).
         force: Regenerate even when a complete set exists.
 
     Returns:
@@ -541,6 +555,8 @@ def write_demo_data(
         ValueError: An unknown kind.
         FileExistsError: A kind folder holds files that this function did not write.
     """
+    from visionkit.data import synthetic_corpus  # not at the top: that module builds on this one
+
     root = Path(root)
     sizes = {**DEMO_SIZES, **(sizes or {})}
     result: dict[str, dict[str, Path]] = {}
@@ -548,6 +564,7 @@ def write_demo_data(
         if kind not in DEMO_KINDS:
             raise ValueError(f"unknown demo kind {kind!r}; expected one of {list(DEMO_KINDS)}")
         kind_root = root / kind
+        names = synthetic_corpus.corpus_dataset_names(sizes[kind][1]) if kind == "pretraining" else ()
         settings = _manifest_settings(kind, seed, tuple(sizes[kind]))
         if force or not _is_complete(kind_root, settings):
             if kind_root.exists() and any(kind_root.iterdir()):
@@ -565,12 +582,14 @@ def write_demo_data(
                 write_shapes_coco(kind_root, num_train, num_val, seed=seed)
             elif kind == "ade20k":
                 write_shapes_ade20k(kind_root, num_train, num_val, seed=seed)
+            elif kind == "pretraining":
+                synthetic_corpus.write_unlabeled_corpus(kind_root, names, num_train, seed=seed)
             else:
                 write_shapes_classification(kind_root, num_train, num_val, seed=seed)
             files = sorted(p for p in kind_root.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
             manifest["files"] = {p.relative_to(kind_root).as_posix(): p.stat().st_size for p in files}
             manifest["complete"] = True
             (kind_root / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
-        paths = {"coco": _coco_paths, "ade20k": _ade20k_paths, "classification": _classification_paths}[kind](kind_root)
+        paths = synthetic_corpus.corpus_paths(kind_root, names) if names else _PATHS[kind](kind_root)
         result[kind] = {**paths, "manifest": kind_root / MANIFEST_NAME}
     return result

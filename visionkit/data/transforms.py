@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from visionkit.utils.constants import CLIP_MEAN, CLIP_STD, IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
+from visionkit.utils.constants import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 
 Target = dict[str, Any]
 Sample = tuple[Tensor, Target]

@@ -1,4 +1,4 @@
-"""Evaluation: COCO box / mask AP (faster-coco-eval engine, pycocotools-identical), mIoU, top-k accuracy.
+"""Evaluation: COCO box / mask AP (faster-coco-eval engine, pycocotools-identical), mIoU / Dice, top-k accuracy.
 
 Depends only on numpy, torch, pycocotools and faster-coco-eval; never on visionkit's data, models or tasks.
 """

@@ -1,8 +1,9 @@
-"""Semantic segmentation metrics (mIoU, aAcc, mAcc) from one dataset-wide confusion matrix.
+"""Semantic segmentation metrics (mIoU, mDice, aAcc, mAcc) from one dataset-wide confusion matrix.
 
 The mmseg / CSAIL ADE20K protocol: intersection and union are summed over the whole evaluation set before dividing
 (not averaged per image, which is a different quantity — torchmetrics' ``MeanIoU``), then the per-class IoU are
-averaged over the classes that occur. Pixels whose target equals ``ignore_index`` (255) are skipped.
+averaged over the classes that occur. Dice is mmseg's ``mDice``, 2·TP / (2·TP + FP + FN) from the same sums. Pixels
+whose target equals ``ignore_index`` (255) are skipped. Conventions in docs/eval/segmentation.md.
 
 :class:`SegmentationEvaluator` is a torchmetrics ``Metric`` whose one state, the confusion matrix, is summed over the
 processes by torchmetrics when ``compute`` runs under ``torch.distributed``.
@@ -34,10 +35,13 @@ class SegmentationEvaluator(Metric):
         num_classes: Number of classes ``C``; labels are ``0..C-1``.
         ignore_index: Target value whose pixels are skipped (ADE20K with ``reduce_zero_label``: 255).
         class_names: ``C`` names used in the per-class keys; default ``"0"``, ``"1"``, ...
+        foreground_index: For foreground/background datasets (lesion, nodule, organ), the foreground class: its
+            ``IoU`` and ``Dice`` are also reported as ``IoU_fg`` and ``Dice_fg``. ``None``: not reported.
 
     Conventions of ``compute``: fractions in ``[0, 1]``. A class whose union is empty (absent from target and
-    prediction over the whole set) has ``IoU`` ``nan`` and is left out of ``mIoU``; a class absent from the target
-    has ``Acc`` ``nan`` (0/0) and is left out of ``mAcc``. With no valid pixel at all every value is ``nan``.
+    prediction over the whole set) has ``IoU`` and ``Dice`` ``nan`` and is left out of ``mIoU`` and ``mDice``; a
+    class absent from the target has ``Acc`` ``nan`` (0/0) and is left out of ``mAcc``. With no valid pixel at all
+    every value is ``nan``.
 
     The matrix lives on the device of the latest ``update`` (the evaluator moves itself there), so that a NCCL
     process group can sum it.
@@ -49,7 +53,11 @@ class SegmentationEvaluator(Metric):
     confusion_matrix: torch.Tensor
 
     def __init__(
-        self, num_classes: int, ignore_index: int = IGNORE_INDEX, class_names: Sequence[str] | None = None
+        self,
+        num_classes: int,
+        ignore_index: int = IGNORE_INDEX,
+        class_names: Sequence[str] | None = None,
+        foreground_index: int | None = None,
     ) -> None:
         super().__init__()
         if num_classes < 1:
@@ -58,7 +66,10 @@ class SegmentationEvaluator(Metric):
             raise ValueError(f"ignore_index {ignore_index} collides with a class label (num_classes={num_classes})")
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"got {len(class_names)} class_names for num_classes={num_classes}")
+        if foreground_index is not None and not 0 <= foreground_index < num_classes:
+            raise ValueError(f"foreground_index {foreground_index} is not a class label 0..{num_classes - 1}")
         self.num_classes = num_classes
+        self.foreground_index = foreground_index
         self.ignore_index = ignore_index
         self.class_names = [str(name) for name in class_names] if class_names is not None else None
         self.add_state(
@@ -108,8 +119,9 @@ class SegmentationEvaluator(Metric):
         """Metrics of everything seen so far (on all ranks; ``reset`` zeroes the matrix).
 
         Returns:
-            ``mIoU``, ``aAcc`` (pixel accuracy), ``mAcc`` (mean class accuracy), then ``IoU/<name>`` and
-            ``Acc/<name>`` per class. Python floats, ``nan`` as documented in the class docstring.
+            ``mIoU``, ``aAcc`` (pixel accuracy), ``mAcc`` (mean class accuracy), ``mDice``, with ``foreground_index``
+            ``IoU_fg`` and ``Dice_fg``, then ``IoU/<name>``, ``Acc/<name>`` and ``Dice/<name>`` per class. Python
+            floats, ``nan`` as documented in the class docstring.
         """
         matrix = self.confusion_matrix.detach().cpu().double()
         true_positive = matrix.diagonal()
@@ -119,13 +131,20 @@ class SegmentationEvaluator(Metric):
         nan = torch.full_like(true_positive, math.nan)
         iou = torch.where(union > 0, true_positive / union.clamp(min=1), nan)
         accuracy = torch.where(target_count > 0, true_positive / target_count.clamp(min=1), nan)
+        # 2TP + FP + FN = target count + prediction count; zero exactly when the union is.
+        dice = torch.where(union > 0, 2 * true_positive / (target_count + pred_count).clamp(min=1), nan)
         total = float(matrix.sum())
         metrics = {
             "mIoU": _nanmean(iou),
             "aAcc": float(true_positive.sum()) / total if total > 0 else math.nan,
             "mAcc": _nanmean(accuracy),
+            "mDice": _nanmean(dice),
         }
+        if self.foreground_index is not None:
+            metrics["IoU_fg"] = float(iou[self.foreground_index])
+            metrics["Dice_fg"] = float(dice[self.foreground_index])
         names = self.class_names or [str(index) for index in range(self.num_classes)]
         metrics.update({f"IoU/{name}": float(value) for name, value in zip(names, iou, strict=True)})
         metrics.update({f"Acc/{name}": float(value) for name, value in zip(names, accuracy, strict=True)})
+        metrics.update({f"Dice/{name}": float(value) for name, value in zip(names, dice, strict=True)})
         return metrics

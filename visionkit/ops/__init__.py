@@ -3,6 +3,7 @@
 from visionkit.ops.connected_components import connected_components, label_regions, region_props
 from visionkit.ops.cross_scan import CROSS_SCAN_DIRECTIONS, cross_merge, cross_scan
 from visionkit.ops.kmeans import kmeans, raster_init_indices
+from visionkit.ops.mamba_attention import MAMBA_ATTENTION_MODES, mamba_attention_map
 from visionkit.ops.selective_scan import (
     SELECTIVE_SCAN_BACKENDS,
     available_selective_scan_backends,
@@ -13,6 +14,7 @@ from visionkit.ops.selective_scan import (
 
 __all__ = [
     "CROSS_SCAN_DIRECTIONS",
+    "MAMBA_ATTENTION_MODES",
     "SELECTIVE_SCAN_BACKENDS",
     "available_selective_scan_backends",
     "connected_components",
@@ -20,6 +22,7 @@ __all__ = [
     "cross_scan",
     "kmeans",
     "label_regions",
+    "mamba_attention_map",
     "raster_init_indices",
     "region_props",
     "selective_scan",

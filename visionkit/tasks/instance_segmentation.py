@@ -146,7 +146,8 @@ class InstanceSegmentationTask(COCOEvaluationMixin, BaseTask):
         hp = self.hparams
         if not 0.0 <= hp.mask_threshold <= 1.0:
             raise ValueError(f"mask_threshold must be in [0, 1], got {hp.mask_threshold}")
-        backbone = self.build_backbone()
+        # No classifier: the dense heads never use one, and a backbone-only checkpoint (a pretraining export) loads.
+        backbone = self.build_backbone(num_classes=0)
         self.model = build_maskrcnn(
             build_multiscale_backbone(backbone),
             hp.num_classes,

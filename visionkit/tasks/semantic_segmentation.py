@@ -104,7 +104,8 @@ class SemanticSegmentationTask(BaseTask):
     :func:`sliding_window_logits` on each image's unpadded region (``slide_crop_size`` windows every
     ``slide_stride`` pixels, averaged). Logits are cropped to ``image_size`` per sample; a
     :class:`~visionkit.eval.SegmentationEvaluator` sums one confusion matrix over the whole set. Logged per stage
-    (``val``/``test``): ``loss``, ``mIoU``, ``aAcc``, ``mAcc`` (fractions in [0, 1]).
+    (``val``/``test``): ``loss``, ``mIoU``, ``aAcc``, ``mAcc``, ``mDice`` and, with ``foreground_index`` (binary
+    foreground / background sets: lesion segmentation), ``IoU_fg`` and ``Dice_fg`` (fractions in [0, 1]).
 
     Resolution: the metric is computed at the evaluation pipeline's resolution (image and label map resized together
     to short side ``short_side`` = 512, the label with nearest neighbour), not at the original resolution as mmseg
@@ -124,6 +125,8 @@ class SemanticSegmentationTask(BaseTask):
         aux_channels: Width of the auxiliary FCN head's hidden conv (mmseg: 256).
         aux_weight: Weight of the auxiliary head's loss; 0 builds no auxiliary head.
         ignore_index: Label of pixels left out of the loss and the metric.
+        foreground_index: The foreground class of a binary set (lesion vs background): adds ``IoU_fg`` and
+            ``Dice_fg`` of that class to the metrics; None for multi-class sets.
         inference_mode: ``"whole"`` or ``"slide"`` evaluation.
         slide_crop_size: Sliding-window ``(height, width)`` in pixels (mmseg's ``test_cfg.crop_size``; named apart
             from the datamodule's training ``crop_size``, since Lightning merges both sets of hyper-parameters).
@@ -151,6 +154,7 @@ class SemanticSegmentationTask(BaseTask):
         aux_channels: int = 256,
         aux_weight: float = 0.4,
         ignore_index: int = IGNORE_INDEX,
+        foreground_index: int | None = None,
         inference_mode: Literal["whole", "slide"] = "whole",
         slide_crop_size: tuple[int, int] = (512, 512),
         slide_stride: tuple[int, int] = (341, 341),
@@ -179,7 +183,8 @@ class SemanticSegmentationTask(BaseTask):
     def configure_models(self) -> None:
         """Create the backbone, its multi-scale pyramid, the UperNet head and the evaluators."""
         hp = self.hparams
-        model = self.build_backbone()
+        # No classifier: the dense heads never use one, and a backbone-only checkpoint (a pretraining export) loads.
+        model = self.build_backbone(num_classes=0)
         self.pyramid: MultiScaleBackbone = build_multiscale_backbone(model)
         self.decode_head = UperNet(
             self.pyramid.channels,
@@ -188,7 +193,10 @@ class SemanticSegmentationTask(BaseTask):
             aux_channels=hp.aux_channels if hp.aux_weight > 0 else None,
         )
         self.evaluators = {
-            stage: SegmentationEvaluator(hp.num_classes, ignore_index=hp.ignore_index) for stage in ("val", "test")
+            stage: SegmentationEvaluator(
+                hp.num_classes, ignore_index=hp.ignore_index, foreground_index=hp.foreground_index
+            )
+            for stage in ("val", "test")
         }
 
     @property
@@ -286,7 +294,8 @@ class SemanticSegmentationTask(BaseTask):
     def _evaluation_epoch_end(self, stage: str) -> None:
         evaluator = self.evaluators[stage]
         metrics = evaluator.compute()  # reduced over processes
-        self.log_dict({f"{stage}/{name}": metrics[name] for name in ("mIoU", "aAcc", "mAcc")}, prog_bar=True)
+        names = ("mIoU", "aAcc", "mAcc", "mDice", "IoU_fg", "Dice_fg")
+        self.log_dict({f"{stage}/{name}": metrics[name] for name in names if name in metrics}, prog_bar=True)
         evaluator.reset()
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:

@@ -4,13 +4,16 @@ Everything here is channel-first (``(B, C, H, W)``), as VMamba v2 with ``norm_la
 forward type ``v05_noz`` of ``MzeroMiko/VMamba`` (``SS2Dv2.forward_corev2`` with ``no_einsum=True``, no z gate), the
 mixer of every released VMamba v2 checkpoint; parameter names and shapes follow the official ones so that those
 checkpoints load unchanged (``docs/models/vmamba.md``, "Layer by layer" and "Checkpoint layout").
+:func:`record_scan_inputs` records what one SS2D hands to its selective scan (for
+:func:`visionkit.ops.mamba_attention_map`) without changing any output.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -26,11 +29,13 @@ __all__ = [
     "LayerNorm2d",
     "Linear2d",
     "Mlp2d",
+    "SS2DScanRecord",
     "VSSBlock",
     "VSSMHead",
     "VSSMStage",
     "downsample_v3",
     "patch_embed_v2",
+    "record_scan_inputs",
     "resolve_dt_rank",
 ]
 
@@ -186,6 +191,8 @@ class SS2D(nn.Module):
         self.Ds._no_weight_decay = True  # type: ignore[attr-defined]
         self.out_norm = LayerNorm2d(self.d_inner)
         self.out_proj = Linear2d(self.d_inner, self.d_model, bias=False)
+        # Callbacks that see the scan inputs of every forward (set by record_scan_inputs; empty otherwise).
+        self._scan_observers: list[Callable[[SS2DScanRecord], None]] = []
 
     def forward(self, x: Tensor) -> Tensor:
         """Mix ``x`` ``(B, d_model, H, W)`` along the four scan directions; returns the same shape."""
@@ -203,19 +210,127 @@ class SS2D(nn.Module):
         x_dbl = torch.matmul(self.x_proj_weight, xs)  # (B, K, R + 2N, L)
         dts, bs, cs = torch.split(x_dbl, [rank, n, n], dim=2)
         dts = torch.matmul(self.dt_projs_weight, dts)  # (B, K, d_inner, L)
+        delta = dts.reshape(batch, k * d_inner, length)
+        A = -torch.exp(_at_least_fp32(self.A_logs))
+        bs, cs = bs.contiguous(), cs.contiguous()
+        delta_bias = _at_least_fp32(self.dt_projs_bias.reshape(-1))
+        for observer in self._scan_observers:
+            observer(SS2DScanRecord(delta, A, bs, cs, delta_bias, height, width))
         y = selective_scan(
             xs.reshape(batch, k * d_inner, length),
-            dts.reshape(batch, k * d_inner, length),
-            -torch.exp(_at_least_fp32(self.A_logs)),
-            bs.contiguous(),
-            cs.contiguous(),
+            delta,
+            A,
+            bs,
+            cs,
             D=_at_least_fp32(self.Ds),
-            delta_bias=_at_least_fp32(self.dt_projs_bias.reshape(-1)),
+            delta_bias=delta_bias,
             delta_softplus=True,
             backend=self.scan_backend,
         )
         y = cross_merge(y.view(batch, k, d_inner, height, width))
         return y.view(batch, d_inner, height, width)
+
+
+class SS2DScanRecord(NamedTuple):
+    """What one SS2D forward hands to its selective scan (the inputs of :func:`visionkit.ops.mamba_attention_map`).
+
+    Attributes:
+        delta: Step sizes before bias and softplus, ``(batch, 4·d_inner, L)``.
+        A: ``-exp(A_logs)``, ``(4·d_inner, N)``, float32 (float64 for a float64 model).
+        B: Input projections, one group per scan direction, ``(batch, 4, N, L)``.
+        C: Output projections, ``(batch, 4, N, L)``.
+        delta_bias: ``dt_projs_bias`` flattened, ``(4·d_inner,)``, float32 (float64 for a float64 model).
+        height: Rows H of the scanned map.
+        width: Columns W; ``L = H·W``.
+    """
+
+    delta: Tensor
+    A: Tensor
+    B: Tensor
+    C: Tensor
+    delta_bias: Tensor
+    height: int
+    width: int
+
+
+@contextmanager
+def record_scan_inputs(
+    model: nn.Module, stage: int = -1, block: int = -1, *, detach: bool = True
+) -> Iterator[list[SS2DScanRecord]]:
+    """Record the selective-scan inputs of one SS2D of a VMamba model, one record per forward, inside the block.
+
+    The model's outputs are unchanged: the SS2D only hands the tensors it already computed to the recorder. The
+    recorder is removed on exit, also when the block raises. With gradient checkpointing on, the recomputation in
+    the backward pass appends one more record per checkpointed forward.
+
+    Example::
+
+        with record_scan_inputs(teacher, stage=-1, block=-1) as records:
+            teacher(images)
+        r = records[-1]
+        attention = mamba_attention_map(
+            r.delta, r.A, r.B, r.C, height=r.height, width=r.width, delta_bias=r.delta_bias
+        )
+
+    Args:
+        model: A ``VSSM`` or a module containing one (the first submodule with ``layers`` of stages with ``blocks``).
+        stage: Index into ``model.layers`` (negative counts from the end; -1 is the last stage).
+        block: Index into that stage's ``blocks`` (negative counts from the end).
+        detach: Record detached tensors (no autograd graph kept alive); False keeps them attached.
+
+    Yields:
+        The list the records are appended to.
+
+    Raises:
+        TypeError: ``model`` holds no VMamba stages, or the chosen block has no ``SS2D`` ``op``.
+        IndexError: ``stage`` or ``block`` is out of range (the message gives the valid ranges).
+    """
+    ss2d = _select_ss2d(model, stage, block)
+    records: list[SS2DScanRecord] = []
+
+    def observe(record: SS2DScanRecord) -> None:
+        if detach:
+            record = record._replace(**{f: getattr(record, f).detach() for f in ("delta", "A", "B", "C", "delta_bias")})
+        records.append(record)
+
+    ss2d._scan_observers.append(observe)
+    try:
+        yield records
+    finally:
+        ss2d._scan_observers.remove(observe)
+
+
+def _select_ss2d(model: nn.Module, stage: int, block: int) -> SS2D:
+    """The SS2D of ``model.layers[stage].blocks[block]`` (``model`` or its first submodule with VMamba stages)."""
+    host = next((m for m in model.modules() if _has_stages(m)), None)
+    if host is None:
+        raise TypeError(
+            f"record_scan_inputs: {type(model).__name__} holds no VMamba stages (a module with `layers` whose "
+            "entries have `blocks`); pass a VSSM or a module containing one."
+        )
+    stages = list(host.layers)  # type: ignore[arg-type]
+    if not -len(stages) <= stage < len(stages):
+        raise IndexError(
+            f"record_scan_inputs: stage {stage} is out of range; the model has {len(stages)} stages "
+            f"(0..{len(stages) - 1}, or -{len(stages)}..-1)"
+        )
+    blocks = list(stages[stage].blocks)
+    if not -len(blocks) <= block < len(blocks):
+        raise IndexError(
+            f"record_scan_inputs: block {block} is out of range; stage {stage} has {len(blocks)} blocks "
+            f"(0..{len(blocks) - 1}, or -{len(blocks)}..-1); blocks per stage: {[len(s.blocks) for s in stages]}"
+        )
+    op = getattr(blocks[block], "op", None)
+    if not isinstance(op, SS2D):
+        raise TypeError(
+            f"record_scan_inputs: block {block} of stage {stage} has no SS2D `op` (got {type(op).__name__})"
+        )
+    return op
+
+
+def _has_stages(module: nn.Module) -> bool:
+    layers = getattr(module, "layers", None)
+    return isinstance(layers, nn.ModuleList) and len(layers) > 0 and all(hasattr(s, "blocks") for s in layers)
 
 
 def _at_least_fp32(t: Tensor) -> Tensor:

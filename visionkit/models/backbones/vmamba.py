@@ -17,7 +17,9 @@ Registered sizes (configs ``classification/configs/vssm/vmambav2v_tiny_224.yaml`
 - ``vmamba_test``: dims 16, depths (1, 1, 1, 1), ssm_ratio 2.0, no weights (CPU tests).
 
 Load an official checkpoint with ``visionkit.create_model("vmamba_small", checkpoint_path="vssm_small_0229_...pth")``;
-:func:`checkpoint_filter_fn` unwraps ``"model"`` and renames the legacy keys that the official ``VSSM`` renames.
+:func:`checkpoint_filter_fn` unwraps ``"model"`` and renames the legacy keys that the official ``VSSM`` renames. With
+``mask_token=True`` such an ImageNet checkpoint (which has no ``masked_embed``) loads too, keeping the model's own
+zero-initialised mask token; every other key must still match.
 """
 
 from __future__ import annotations
@@ -326,6 +328,10 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: VSSM) -> dict[str
     ``ema_loss_map``, ``ema_initialized``, ``masked_embed`` without a mask token), logging what it drops. Every other
     key is passed on, so the loader reports it.
 
+    A model with a mask token loading a checkpoint without one (an ImageNet VMamba checkpoint as the start of OpenUS
+    pretraining) keeps its own freshly initialised (zero) ``masked_embed``: it is the one key that may be missing, and
+    an info log says so. Any other missing key still fails the strict load.
+
     Args:
         state_dict: The checkpoint's tensors (possibly wrapped).
         model: The model being loaded.
@@ -349,6 +355,9 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: VSSM) -> dict[str
         out[key] = value
     if dropped:
         _logger.info("VMamba checkpoint: dropped %d entries the model has no place for: %s", len(dropped), dropped)
+    if model.masked_embed is not None and "masked_embed" not in out:
+        out["masked_embed"] = model.masked_embed.detach().clone()
+        _logger.info("VMamba checkpoint has no masked_embed: the model keeps its freshly initialised mask token.")
     return out
 
 
