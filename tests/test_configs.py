@@ -66,6 +66,7 @@ TINY_BACKBONES: tuple[tuple[str, str], ...] = (
     (r"^convnext_\w+$", "convnext_atto"),
     (r"^resnet(34|50|101|152)(\w*)$", "resnet18"),
     (r"^vmamba_(tiny|small|base)$", "vmamba_test"),
+    (r"^modsquad_vit_(small|base)$", "modsquad_vit_test"),
 )
 #: Foundation-model architecture (the value of ``<name>_arch`` / ``<name>_variant`` next to ``<name>_checkpoint``) ->
 #: the keys of the tiny random-weight model of its family in ``tiny_zip_checkpoints``: (file, architecture).
@@ -280,6 +281,7 @@ def test_template_overrides_follow_the_yaml_content(tmp_path):
     assert _tiny_backbone("convnext_base") == "convnext_atto" and _tiny_backbone("resnet50") == "resnet18"
     assert _tiny_backbone("resnet18") is None and _tiny_backbone("vit_tiny_patch16_224") is None
     assert _tiny_backbone("vmamba_small") == "vmamba_test" and _tiny_backbone("vmamba_test") is None
+    assert _tiny_backbone("modsquad_vit_base") == "modsquad_vit_test"
     openus = {"model": {"init_args": {"checkpoint_path": "weights/absent.pth"}}, "data": {"init_args": {}}}
     assert _template_overrides(openus, tmp_path, real_to_demo) == ["--model.checkpoint_path=null"]
 

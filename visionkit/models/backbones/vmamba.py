@@ -31,12 +31,12 @@ from typing import Any
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
 from visionkit.models.backbones.ss2d import VSSBlock, VSSMHead, VSSMStage, downsample_v3, patch_embed_v2
+from visionkit.models.layers.init import init_linear_and_norm
 from visionkit.registry import register_model
 
 __all__ = ["VSSM", "checkpoint_filter_fn"]
@@ -119,19 +119,7 @@ class VSSM(nn.Module):
             self.layers.append(VSSMStage(blocks, downsample))
             self.feature_info.append(dict(num_chs=dims[i], reduction=4 * 2**i, module=f"layers.{i}"))
         self.classifier = VSSMHead(self.num_features, num_classes, global_pool)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        # VMamba's VSSM._init_weights: Linear (Linear2d included) trunc_normal(0.02) with zero bias, LayerNorm 1 / 0.
-        # Convolutions and the SS2D parameters keep their own initialisation.
-        if isinstance(module, nn.Linear):
-            trunc_normal_(module.weight, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
+        self.apply(init_linear_and_norm)  # VMamba's VSSM._init_weights; SS2D parameters keep their own
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
