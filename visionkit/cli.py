@@ -37,19 +37,23 @@ import argparse
 import math
 import os
 import sys
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 
-from visionkit.tasks.callbacks import AtomicCheckpointIO, ReseedEveryEpoch, checkpoint_problem, intact_checkpoints_near
+from visionkit.tasks.callbacks import (
+    AtomicCheckpointIO,
+    ReseedEveryEpoch,
+    checkpoint_problem,
+    intact_checkpoints_near,
+    read_checkpoint,
+)
 from visionkit.utils import write_json_atomic
 
 __all__ = ["VisionkitCLI", "coco_main", "main"]
@@ -138,10 +142,9 @@ class VisionkitCLI(LightningCLI):
         last, where = self._last_checkpoint()
         if last is None:
             raise SystemExit(f"{start} there is no last.ckpt in {where}, where a run records its best. {advice}")
-        problem = checkpoint_problem(last, weights_only)
-        if problem is not None:
+        checkpoint, problem = read_checkpoint(last, weights_only)
+        if checkpoint is None:
             raise SystemExit(f"{start} cannot read {last}, which records the best checkpoint: {problem}. {advice}")
-        checkpoint = torch.load(last, map_location="cpu", weights_only=weights_only, mmap=zipfile.is_zipfile(last))
         callbacks = checkpoint.get("callbacks") or {}
         states = {key: state for key, state in callbacks.items() if isinstance(state, dict) and "monitor" in state}
         monitored = {key: state for key, state in states.items() if state["monitor"] and state.get("best_model_path")}

@@ -27,7 +27,13 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from visionkit.weights import atomic_torch_save
 
-__all__ = ["AtomicCheckpointIO", "ReseedEveryEpoch", "checkpoint_problem", "intact_checkpoints_near"]
+__all__ = [
+    "AtomicCheckpointIO",
+    "ReseedEveryEpoch",
+    "checkpoint_problem",
+    "intact_checkpoints_near",
+    "read_checkpoint",
+]
 
 #: Checkpoints next to a damaged one that :func:`intact_checkpoints_near` checks at most (newest first); each check
 #: reads the whole file once.
@@ -112,27 +118,41 @@ def checkpoint_problem(path: str | os.PathLike[str], weights_only: bool = True) 
     Returns:
         A short description of the problem (e.g. ``"the file is empty (0 bytes)"``), or ``None``.
     """
+    return read_checkpoint(path, weights_only)[1]
+
+
+def read_checkpoint(path: str | os.PathLike[str], weights_only: bool = True) -> tuple[dict | None, str | None]:
+    """Load a Lightning checkpoint after the checks of :func:`checkpoint_problem`, reading the file once.
+
+    Args:
+        path: The checkpoint file.
+        weights_only: Passed to ``torch.load``.
+
+    Returns:
+        ``(checkpoint, None)`` (memory-mapped tensors, on the CPU) or ``(None, problem)``.
+    """
     path = Path(path)
     if not path.exists():
-        return "the file does not exist"
+        return None, "the file does not exist"
     if not path.is_file():
-        return "it is not a regular file"
+        return None, "it is not a regular file"
     if path.stat().st_size == 0:
-        return "the file is empty (0 bytes)"
+        return None, "the file is empty (0 bytes)"
     is_zip = zipfile.is_zipfile(path)
     if is_zip:
         problem = _zip_problem(path)
         if problem is not None:
-            return problem
+            return None, problem
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only, mmap=is_zip)
     except Exception as error:  # whatever torch.load raises, the file cannot be resumed from
         if not is_zip:  # torch.save writes a zip archive, whose directory sits at the end of the file
-            return "it is truncated or not a PyTorch checkpoint (torch.save's zip directory at its end is missing)"
-        return f"torch.load fails ({_first_line(error)})"
+            missing = "torch.save's zip directory at its end is missing"
+            return None, f"it is truncated or not a PyTorch checkpoint ({missing})"
+        return None, f"torch.load fails ({_first_line(error)})"
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        return "it is not a Lightning checkpoint (no 'state_dict' entry)"
-    return None
+        return None, "it is not a Lightning checkpoint (no 'state_dict' entry)"
+    return checkpoint, None
 
 
 def intact_checkpoints_near(path: str | os.PathLike[str], weights_only: bool = True) -> tuple[list[Path], int]:
