@@ -44,7 +44,7 @@ from typing import Any
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, _InstantiatorFn
 from lightning.pytorch.loggers import CSVLogger
 
 from visionkit.tasks.callbacks import (
@@ -59,6 +59,22 @@ from visionkit.utils import write_json_atomic
 __all__ = ["VisionkitCLI", "coco_main", "main"]
 
 DEFAULT_ROOT_DIR = "outputs"
+
+
+class _OuterModuleInstantiator(_InstantiatorFn):
+    """Lightning's instantiator for the ``model`` / ``data`` key, applied to the configured class only.
+
+    Lightning hands the key's whole config to ``save_hyperparameters`` of every task or datamodule that jsonargparse
+    builds under that key, nested ones included; a datamodule made of child datamodules (``MultiTaskDataModule``)
+    would give each child its parent's hyper-parameters. Nested modules are built without it and save their own.
+    """
+
+    def __call__(self, class_type: type, *args: Any, applied_instantiation_links: dict, **kwargs: Any) -> Any:
+        self.cli._dump_config()
+        class_path = str((self.cli.config_dump.get(self.key) or {}).get("class_path", ""))
+        if class_path and class_path.rsplit(".", 1)[-1] != class_type.__name__:
+            return class_type(*args, **kwargs)
+        return super().__call__(class_type, *args, applied_instantiation_links=applied_instantiation_links, **kwargs)
 
 
 class VisionkitCLI(LightningCLI):
@@ -81,6 +97,10 @@ class VisionkitCLI(LightningCLI):
             run=run,
             **kwargs,
         )
+
+    def _add_instantiators(self) -> None:
+        for key, base in (("model", self._model_class), ("data", self._datamodule_class)):
+            self.parser.add_instantiator(_OuterModuleInstantiator(cli=self, key=key), base, subclasses=True)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Add the ``checkpoint.*`` options (a ModelCheckpoint that always keeps ``last.ckpt``)."""

@@ -9,6 +9,8 @@
   :func:`collate_multicrop`, :class:`MultiCropDataModule`).
 * Collate functions (``collate``) and datamodules (``datamodule_base``, ``datamodules``, ``multicrop``, and
   ``unreadable`` for ``skip_unreadable``: the only modules here that import Lightning).
+* Multi-task training (``multitask``: :class:`MultiTaskDataModule`): one child datamodule per task, batches
+  ``{task: sub-batch}``, seeded per-task order, resumable mid-epoch, sharded per rank.
 * EXIF frame decision (``image_io``: ``exif_orientation``) and the inference image folder (``NumberedImageFolder``).
 * Synthetic writers (``synthetic``, ``synthetic_corpus``): tiny datasets in the same real formats, for tests and the
   quickstart.
@@ -43,6 +45,7 @@ from visionkit.data.image_io import (
     read_label_map,
 )
 from visionkit.data.multicrop import MultiCrop, MultiCropDataModule, collate_multicrop
+from visionkit.data.multitask import MultiTaskDataModule
 from visionkit.data.presets import classification_transforms, detection_transforms, segmentation_transforms
 from visionkit.data.synthetic import (
     DEMO_KINDS,
@@ -101,6 +104,7 @@ __all__ = [
     "JointTransform",
     "MultiCrop",
     "MultiCropDataModule",
+    "MultiTaskDataModule",
     "Normalize",
     "NumberedImageFolder",
     "PadToMultiple",

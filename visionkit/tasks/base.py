@@ -16,6 +16,9 @@ Conventions every task keeps:
   backbone in eval mode during training (batch-norm statistics and dropout frozen too);
 - ``layer_decay`` (ViTs) gives the backbone's parameter groups timm's layer-wise learning-rate scales
   (``timm.optim.param_groups_layer_decay`` over the backbone's ``group_matcher``); every other parameter has scale 1;
+- inside a multi-task module (``visionkit.methods.modsquad.MultiTaskTask``) a task has a :attr:`BaseTask.task_scope`
+  (its task name): everything it logs gets that name after the stage (``val/segm_AP`` -> ``val/coco/segm_AP``), and
+  it reads its data from the multi-task datamodule's child of that name;
 - weight decay spares what any module of the task declares exempt (``no_weight_decay()``,
   ``no_weight_decay_keywords()``, ``param._no_weight_decay``; see :func:`~visionkit.tasks.optim.no_weight_decay_ids`),
   matched by parameter identity, with or without ``layer_decay``, wherever the backbone sits in the task.
@@ -77,6 +80,8 @@ class BaseTask(pl.LightningModule):
     ignore: ClassVar[tuple[str, ...]] = ()
     #: Whether ``fit`` applies: ``False`` for a training-free method (it runs validate / test / predict only).
     trainable: ClassVar[bool] = True
+    #: The task's name inside a multi-task module, set by that module (``None``: a standalone task).
+    task_scope: str | None = None
 
     def __init__(
         self,
@@ -110,6 +115,25 @@ class BaseTask(pl.LightningModule):
 
     def configure_models(self) -> None:
         """Build the networks of the task (called once from ``__init__``, after hyper-parameters are saved)."""
+
+    def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+        """Lightning's ``log``; a scoped task (:attr:`task_scope`) logs ``<stage>/<scope>/<rest>`` instead of ``name``.
+
+        The scope already tells the tasks' metrics apart, so a scoped task does not get Lightning's
+        ``/dataloader_idx_<i>`` suffix (the multi-task module runs one validation loader per task).
+        """
+        if self.task_scope:
+            stage, sep, rest = name.partition("/")
+            name = f"{stage}/{self.task_scope}/{rest}" if sep else f"{self.task_scope}/{name}"
+            kwargs["add_dataloader_idx"] = False  # log_dict passes it explicitly
+        super().log(name, value, *args, **kwargs)
+
+    def task_datamodule(self) -> Any:
+        """The trainer's datamodule, or for a scoped task the multi-task datamodule's child of that name (or None)."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if self.task_scope and datamodule is not None and callable(getattr(datamodule, "datamodule", None)):
+            return datamodule.datamodule(self.task_scope)
+        return datamodule
 
     def build_backbone(self, **by_name_kwargs: Any) -> nn.Module:
         """The backbone that the task's hyper-parameters describe, or the module injected as ``backbone``.

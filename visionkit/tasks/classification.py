@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from visionkit.eval import ClassificationEvaluator
 from visionkit.models.heads.classification import ClassificationHead
+from visionkit.tasks.backbone import load_checkpoint_into
 from visionkit.tasks.base import BaseTask
 
 __all__ = ["ClassificationTask"]
@@ -57,6 +58,9 @@ class ClassificationTask(BaseTask):
         betas: AdamW betas.
         layer_decay: Layer-wise learning-rate decay of the backbone (ViT fine-tuning); the head has scale 1.
         freeze_backbone: Train the head only (linear probing); the backbone stays in eval mode.
+        init_checkpoint: Initial weights of the whole task (backbone and head: its ``state_dict``, e.g. a model cut out
+            of a multi-task run by ``tools/extract_task_model.py``); read with the safe loader, loaded strictly. Unlike
+            ``--ckpt_path`` it starts a new run.
     """
 
     monitor: ClassVar[str] = "val/top1"
@@ -81,6 +85,7 @@ class ClassificationTask(BaseTask):
         betas: tuple[float, float] = (0.9, 0.999),
         layer_decay: float | None = None,
         freeze_backbone: bool = False,
+        init_checkpoint: str | None = None,
     ) -> None:
         super().__init__(
             lr=lr,
@@ -126,6 +131,8 @@ class ClassificationTask(BaseTask):
         self.backbone = backbone
         self.criterion = nn.CrossEntropyLoss(label_smoothing=hp.label_smoothing)
         self.evaluators = {stage: ClassificationEvaluator(ks=tuple(hp.top_k)) for stage in ("val", "test")}
+        if hp.init_checkpoint is not None:
+            load_checkpoint_into(self, hp.init_checkpoint, f"this {type(self).__name__}")
 
     def forward_features(self, images: Tensor) -> Tensor:
         """Pooled pre-logits features ``(B, D)`` of the backbone for images ``(B, 3, H, W)``."""

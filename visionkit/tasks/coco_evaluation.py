@@ -99,7 +99,7 @@ class COCOEvaluationMixin(pl.LightningModule):
         Returns:
             The dataset object (``None`` when neither source has one).
         """
-        datamodule = getattr(self.trainer, "datamodule", None)
+        datamodule = self.task_datamodule()
         if datamodule is not None and hasattr(datamodule, "dataset"):
             return datamodule.dataset(split)
         loaders = {

@@ -276,4 +276,9 @@ class InstanceSegmentationTask(COCOEvaluationMixin, BaseTask):
                     class_names=names,
                 )
             )
-        return save_png(image_grid(panels), output_dir / f"val_predictions_epoch{self.current_epoch}.png")
+        return save_png(
+            image_grid(panels), output_dir / f"{self._png_prefix()}val_predictions_epoch{self.current_epoch}.png"
+        )
+
+    def _png_prefix(self) -> str:
+        return f"{self.task_scope}_" if self.task_scope else ""

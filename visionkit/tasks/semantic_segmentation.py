@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from visionkit.eval import SegmentationEvaluator
 from visionkit.models.heads.pyramid import MultiScaleBackbone, build_multiscale_backbone
 from visionkit.models.heads.upernet import UperNet
+from visionkit.tasks.backbone import load_checkpoint_into
 from visionkit.tasks.base import BaseTask
 from visionkit.utils.constants import IGNORE_INDEX
 
@@ -138,6 +139,9 @@ class SemanticSegmentationTask(BaseTask):
         betas: AdamW betas.
         layer_decay: Layer-wise learning-rate decay of the backbone (ViTs; ``None`` disables).
         freeze_backbone: Keep the backbone frozen and in eval mode (train the pyramid neck and the head only).
+        init_checkpoint: Initial weights of the whole task (backbone and head: its ``state_dict``, e.g. a model cut out
+            of a multi-task run by ``tools/extract_task_model.py``); read with the safe loader, loaded strictly. Unlike
+            ``--ckpt_path`` it starts a new run.
     """
 
     monitor: ClassVar[str] = "val/mIoU"
@@ -165,6 +169,7 @@ class SemanticSegmentationTask(BaseTask):
         betas: tuple[float, float] = (0.9, 0.999),
         layer_decay: float | None = None,
         freeze_backbone: bool = False,
+        init_checkpoint: str | None = None,
     ) -> None:
         if inference_mode not in ("whole", "slide"):
             raise ValueError(f"inference_mode must be 'whole' or 'slide', got {inference_mode!r}")
@@ -198,6 +203,8 @@ class SemanticSegmentationTask(BaseTask):
             )
             for stage in ("val", "test")
         }
+        if hp.init_checkpoint is not None:
+            load_checkpoint_into(self, hp.init_checkpoint, f"this {type(self).__name__}")
 
     @property
     def backbone(self) -> nn.Module:

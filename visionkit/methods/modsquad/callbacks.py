@@ -1,9 +1,10 @@
-"""Expert-usage monitoring for Mod-Squad training (``docs/methods/modsquad.md`` §4).
+"""Training callbacks of Mod-Squad: expert-usage monitoring (``docs/methods/modsquad.md`` §4) and router-only tuning.
 
 :class:`ExpertUsageCallback` reads the usage EMA of every MoE layer's :class:`RoutingStats` (attached to the model by
 :func:`attach_routing_stats`), logs each task's usage entropy (mean over layers) and writes one heat map per layer:
 rows = tasks, columns = experts, colour = the task's share of its routed slots (viridis, scaled per row to its
-maximum so that a task's preferred experts stand out whatever its spread).
+maximum so that a task's preferred experts stand out whatever its spread). :func:`topk_overlap` compares tasks' expert
+sets. :class:`RouterTuning` freezes everything but routers, norms and heads before training (§6).
 """
 
 from __future__ import annotations
@@ -15,13 +16,15 @@ from pathlib import Path
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 from torch import Tensor, nn
 
+from visionkit.methods.modsquad.extraction import freeze_for_router_tuning
 from visionkit.methods.modsquad.routing_stats import RoutingStats, find_routing_stats
 from visionkit.viz import colorize, save_png, with_caption
 
-__all__ = ["ExpertUsageCallback", "usage_entropy", "usage_heatmap"]
+__all__ = ["ExpertUsageCallback", "RouterTuning", "topk_overlap", "usage_entropy", "usage_heatmap"]
 
 
 def usage_entropy(usage_percent: Tensor) -> Tensor:
@@ -37,6 +40,24 @@ def usage_entropy(usage_percent: Tensor) -> Tensor:
     p = usage_percent.float() / 100.0
     entropy = -(p * torch.log(p.clamp_min(1e-12))).sum(dim=1)
     return torch.where(usage_percent.sum(dim=1) > 0, entropy, torch.full_like(entropy, float("nan")))
+
+
+def topk_overlap(usage_percent: Tensor, k: int) -> Tensor:
+    """Jaccard overlap of the tasks' ``k`` most used experts: 1 = the same experts, 0 = disjoint sets.
+
+    Args:
+        usage_percent: ``(T, E)`` usage per task (any non-negative scale).
+        k: Experts per set (the layer's top-k).
+
+    Returns:
+        ``(T, T)`` float, ``|A_s ∩ A_t| / |A_s ∪ A_t|`` (1 on the diagonal).
+    """
+    top = torch.zeros_like(usage_percent, dtype=torch.bool)
+    top.scatter_(1, usage_percent.topk(min(k, usage_percent.shape[1]), dim=1).indices, True)
+    top = top.float()
+    inter = top @ top.T
+    union = top.sum(1, keepdim=True) + top.sum(1) - inter
+    return inter / union.clamp_min(1.0)
 
 
 def usage_heatmap(usage_percent: Tensor, title: str = "", cell: int = 12) -> Image.Image:
@@ -114,3 +135,32 @@ class ExpertUsageCallback(pl.Callback):
             )
             filename = re.sub(r"[^A-Za-z0-9_.-]", "_", path or "model") + ".png"
             save_png(usage_heatmap(values, title, self.cell), folder / filename)
+
+
+class RouterTuning(pl.Callback):
+    """Router-only tuning as a training option: before the optimiser is built, freeze all but routers, norms, heads.
+
+    ``trainer.callbacks: [{class_path: visionkit.methods.modsquad.RouterTuning}]`` on the config of an extracted task
+    model (``tools/extract_task_model.py``) trains only the parameters whose dotted name contains one of ``train``
+    (:func:`~visionkit.methods.modsquad.freeze_for_router_tuning`; the release's ``main_pru_tuning.py``). visionkit
+    tasks leave frozen parameters out of the optimiser.
+
+    Args:
+        train: Substrings of the parameter names that stay trainable (routers ``f_gate``, norms, task heads).
+    """
+
+    def __init__(self, train: list[str] = ["f_gate", "norm", "head"]) -> None:  # noqa: B006 - never mutated
+        if not train:
+            raise ValueError("RouterTuning needs at least one name fragment to train")
+        self.train = list(train)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Freeze for ``fit`` (Lightning calls ``setup`` before ``configure_optimizers``)."""
+        if stage != "fit":
+            return
+        trainable = freeze_for_router_tuning(pl_module, self.train)
+        if not trainable:
+            raise ValueError(f"RouterTuning: no parameter name of {type(pl_module).__name__} contains {self.train}")
+        total = sum(p.numel() for p in pl_module.parameters())
+        kept = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+        rank_zero_info(f"RouterTuning: training {len(trainable)} tensors, {kept:,} of {total:,} parameters")

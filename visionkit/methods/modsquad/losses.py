@@ -111,20 +111,23 @@ class UncertaintyWeighting(nn.Module):
             raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
         self.params = nn.Parameter(torch.ones(num_tasks))
 
-    def forward(self, losses: Sequence[Tensor] | Tensor) -> Tensor:
+    def forward(self, losses: Sequence[Tensor] | Tensor, tasks: Sequence[int] | None = None) -> Tensor:
         """Weighted sum of the task losses.
 
         Args:
-            losses: ``num_tasks`` scalar losses (a sequence or a ``(num_tasks,)`` tensor), in task order.
+            losses: Scalar losses (a sequence or a 1-D tensor), one per entry of ``tasks``.
+            tasks: The task index of each loss (a step that trains some of the tasks); ``None``: all ``num_tasks``
+                tasks, in order.
 
         Returns:
-            Scalar total.
+            Scalar total (the terms of the tasks given).
 
         Raises:
-            ValueError: The number of losses differs from ``num_tasks``.
+            ValueError: The number of losses differs from the number of tasks.
         """
         values = torch.stack(list(losses)) if not isinstance(losses, Tensor) else losses.reshape(-1)
-        if values.numel() != self.params.numel():
-            raise ValueError(f"expected {self.params.numel()} task losses, got {values.numel()}")
-        squared = self.params**2
+        params = self.params if tasks is None else self.params[list(tasks)]
+        if values.numel() != params.numel():
+            raise ValueError(f"expected {params.numel()} task losses, got {values.numel()}")
+        squared = params**2
         return (0.5 / squared * values + torch.log1p(squared)).sum()

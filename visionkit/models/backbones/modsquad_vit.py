@@ -86,8 +86,8 @@ class ModSquadViT(nn.Module):
         num_heads: Heads of the dense attention and ``k`` of the mixture of attention heads.
         head_dim: Per-head width of both attentions (released: ``2 · D / num_heads``).
         mlp_ratio: Dense MLP hidden width ``D · mlp_ratio``.
-        attn_experts: Attention experts per MoA layer.
-        mlp_experts: Experts per MoE-MLP layer.
+        attn_experts: Attention experts per MoA layer (a list: one count per MoA layer, as extraction leaves them).
+        mlp_experts: Experts per MoE-MLP layer (or one count per MoE-MLP layer).
         mlp_k: Experts per token in the MoE-MLP.
         mlp_expert_hidden: Hidden width of one MLP expert (default ``D · mlp_ratio / mlp_k``).
         moe_pattern: ``"alternate"`` (released "twice": MoA in even blocks, MoE-MLP in odd) or ``"all"``.
@@ -105,6 +105,8 @@ class ModSquadViT(nn.Module):
             with the ViT's truncated normal, which is the default.
         moe_backend: Dispatch backend of the experts.
         renormalize_gates: Renormalise the top-k gates (a deviation).
+        removed_router_rows: One count per MoE layer (block order, attention before MLP): the frozen router rows of
+            experts removed by ``extract_task_model(keep_softmax_mass=True)`` (``removed_router``); 0 or ``None``: none.
 
     Attributes:
         task_names: ``list[str]``, one name per task (kept in step with ``num_tasks`` by extraction / ``add_task``).
@@ -125,8 +127,8 @@ class ModSquadViT(nn.Module):
         num_heads: int = 12,
         head_dim: int = 128,
         mlp_ratio: float = 4.0,
-        attn_experts: int = 24,
-        mlp_experts: int = 16,
+        attn_experts: int | Sequence[int] = 24,
+        mlp_experts: int | Sequence[int] = 16,
         mlp_k: int = 4,
         mlp_expert_hidden: int | None = None,
         moe_pattern: str = "alternate",
@@ -142,6 +144,7 @@ class ModSquadViT(nn.Module):
         zero_init_routers: bool = False,
         moe_backend: MoEBackend = "auto",
         renormalize_gates: bool = False,
+        removed_router_rows: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         names = [str(n) for n in task_names]
@@ -176,16 +179,20 @@ class ModSquadViT(nn.Module):
         expert_hidden = mlp_expert_hidden or mlp_hidden // mlp_k
         moe = dict(num_tasks=self.num_tasks, noisy_gating=noisy_gating, backend=moe_backend,
                    renormalize_gates=renormalize_gates)  # fmt: skip
+        num_attn = sum(1 for i in range(depth) if moe_pattern == "all" or i % 2 == 0)
+        num_mlp = sum(1 for i in range(depth) if moe_pattern == "all" or i % 2 == 1)
+        attn_counts = _per_layer(attn_experts, num_attn, "attn_experts")
+        mlp_counts = _per_layer(mlp_experts, num_mlp, "mlp_experts")
         blocks = []
         for i in range(depth):
             if moe_pattern == "all" or i % 2 == 0:
-                attn: nn.Module = MoAttention(embed_dim, attn_experts, num_heads, head_dim, qkv_bias=qkv_bias,
+                attn: nn.Module = MoAttention(embed_dim, attn_counts.pop(0), num_heads, head_dim, qkv_bias=qkv_bias,
                                               attn_drop=attn_drop_rate, proj_drop=drop_rate, **moe)  # fmt: skip
             else:  # released quirk: the dense attention is num_heads × head_dim wide too
                 attn = Attention(embed_dim, num_heads, attn_head_dim=head_dim, qkv_bias=qkv_bias,
                                  attn_drop=attn_drop_rate, proj_drop=drop_rate)  # fmt: skip
             if moe_pattern == "all" or i % 2 == 1:
-                mlp: nn.Module = TaskMoE(embed_dim, expert_hidden, mlp_experts, mlp_k, bias=True, **moe)
+                mlp: nn.Module = TaskMoE(embed_dim, expert_hidden, mlp_counts.pop(0), mlp_k, bias=True, **moe)
             else:
                 mlp = Mlp(embed_dim, mlp_hidden, drop=drop_rate)
             # linear stochastic-depth schedule, computed in Python (torch.linspace fails on the meta device)
@@ -197,6 +204,8 @@ class ModSquadViT(nn.Module):
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         reduction = self.patch_embed.patch_size[0]
         self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=reduction) for i in range(depth)]
+        if removed_router_rows is not None:
+            self._add_removed_routers(list(removed_router_rows))
 
         trunc_normal_(self.pos_embed, std=0.02)
         trunc_normal_(self.cls_token, std=0.02)
@@ -206,6 +215,20 @@ class ModSquadViT(nn.Module):
             for name, param in self.named_parameters():
                 if ".f_gate." in name:
                     nn.init.zeros_(param)
+
+    def _add_removed_routers(self, rows: list[int]) -> None:
+        """Give the MoE layers (block order, attention before MLP) the frozen router rows of removed experts."""
+        holders = [
+            layer.q_proj if isinstance(layer, MoAttention) else layer
+            for block in self.blocks
+            for layer in (block.attn, block.mlp)
+            if isinstance(layer, (MoAttention, TaskMoE))
+        ]
+        if len(rows) != len(holders):
+            raise ValueError(f"removed_router_rows needs one count per MoE layer ({len(holders)}), got {len(rows)}")
+        for holder, count in zip(holders, rows, strict=True):
+            if count > 0:
+                holder.removed_router = nn.Linear(self.embed_dim, count, bias=False).requires_grad_(False)
 
     # --- tasks -------------------------------------------------------------------------------------------------------
     def task_index(self, task: int | str | None = None) -> int:
@@ -424,6 +447,14 @@ class ModSquadViT(nn.Module):
             What was copied, derived, left new and not used (:class:`UpcycleReport`).
         """
         return load_dense_vit(self, state_dict, dense_num_heads)
+
+
+def _per_layer(count: int | Sequence[int], layers: int, name: str) -> list[int]:
+    """One expert count per layer: an int for every layer, or a list of ``layers`` counts (an extracted model)."""
+    counts = [int(count)] * layers if isinstance(count, int) else [int(c) for c in count]
+    if len(counts) != layers or min(counts, default=1) < 1:
+        raise ValueError(f"{name} must be a positive int or {layers} positive ints (one per layer), got {count!r}")
+    return counts
 
 
 # --- checkpoints and registration ------------------------------------------------------------------------------------
