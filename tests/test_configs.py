@@ -87,6 +87,8 @@ def _real_to_demo(demo_paths: dict[str, dict[str, Path]]) -> dict[str, Path]:
         "data/us308k": demo_paths["pretraining"]["root"],
         "data/fetal_planes": demo_paths["classification"]["root"],
         "data/busbra": demo_paths["ade20k"]["root"],
+        # larger demo sets of a config's own (demo_sizes): the session's demo set of the same kind
+        "data/demo_large": demo_paths["coco"]["root"].parent,
     }
 
 

@@ -427,6 +427,15 @@ def test_generate_demo_for_ade20k_resolves_the_nested_folder(tmp_path):
     assert image.shape[0] == 3 and target["mask"].ndim == 2
 
 
+def test_generate_demo_with_own_sizes(tmp_path):
+    from visionkit.data import ADE20KDataModule
+
+    dm = ADE20KDataModule(str(tmp_path / "ade20k"), crop_size=64, generate_demo=True, demo_sizes=(6, 3))
+    dm.prepare_data()
+    dm.setup("fit")
+    assert (len(dm.dataset("train")), len(dm.dataset("val"))) == (6, 3)
+
+
 def test_exif_orientation_reaches_the_datasets(demo_paths):
     coco = coco_module(demo_paths, exif_orientation="stored")
     coco.setup("validate")

@@ -96,6 +96,9 @@ class BaseDataModule(pl.LightningDataModule):
             missing file) by the next readable one instead of stopping, with a warning naming the file and, at each
             epoch end, one with the count (:mod:`visionkit.data.unreadable`). Off by default: the first unreadable
             image stops the run with an error naming it. Validation, test and predict always stop.
+        demo_sizes: ``(train, val)`` counts of the demo set that ``generate_demo`` writes (per class for
+            classification), instead of the kind's default (``visionkit.data.DEMO_SIZES``). A demo folder written with
+            other sizes is rewritten, so give a larger set its own root (e.g. ``data/demo_large/ade20k``).
     """
 
     #: Which demo set (``visionkit.data.synthetic.DEMO_KINDS``) ``generate_demo`` writes; None: no demo set.
@@ -121,6 +124,7 @@ class BaseDataModule(pl.LightningDataModule):
         seed: int | None = None,
         generate_demo: bool = False,
         skip_unreadable: bool = False,
+        demo_sizes: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1 or (val_batch_size is not None and val_batch_size < 1):
@@ -162,7 +166,8 @@ class BaseDataModule(pl.LightningDataModule):
                 f"generate_demo writes the {self.demo_kind!r} demo set to <demo root>/{self.demo_kind}; "
                 f"data_root must be that folder (or inside it), got {data_root}"
             )
-        write_demo_data(demo_root, kinds=[self.demo_kind])
+        sizes = {self.demo_kind: tuple(self.hparams.demo_sizes)} if self.hparams.get("demo_sizes") else None
+        write_demo_data(demo_root, kinds=[self.demo_kind], sizes=sizes)
 
     def setup(self, stage: str | None = None) -> None:
         """Build the datasets ``stage`` needs (every split of every stage when ``None``); already built ones are kept.
