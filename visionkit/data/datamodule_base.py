@@ -29,13 +29,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from visionkit.data.collate import collate_detection
 from visionkit.data.synthetic import write_demo_data
 from visionkit.data.unreadable import SkipUnreadable, UnreadableImagesReport
+from visionkit.utils.seeding import derive_seed
 
 __all__ = ["BaseDataModule", "SeededRandomSampler"]
-
-
-def _epoch_seed(seed: int, epoch: int, stream: int) -> int:
-    """A 63-bit seed for ``(seed, epoch)``; ``stream`` separates independent uses of the same pair."""
-    return int(np.random.SeedSequence([seed % 2**64, epoch, stream]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 class SeededRandomSampler(Sampler[int]):
@@ -61,11 +57,11 @@ class SeededRandomSampler(Sampler[int]):
     def set_epoch(self, epoch: int) -> None:
         """Use the permutation and worker seeds of ``epoch`` for the next pass."""
         self.epoch = epoch
-        self.loader_generator.manual_seed(_epoch_seed(self.seed, epoch, stream=1))
+        self.loader_generator.manual_seed(derive_seed(self.seed, epoch, 1))
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator()
-        generator.manual_seed(_epoch_seed(self.seed, self.epoch, stream=0))
+        generator.manual_seed(derive_seed(self.seed, self.epoch, 0))
         permutation = torch.randperm(self.num_samples, generator=generator).tolist()
         self.set_epoch(self.epoch + 1)
         yield from permutation

@@ -39,6 +39,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from visionkit.data.datamodule_base import BaseDataModule
+from visionkit.utils.seeding import derive_seed
 
 __all__ = ["SAMPLING_MODES", "MultiTaskDataModule", "ResumableDataLoader", "SeededItems", "TaskEpochSampler"]
 
@@ -47,12 +48,6 @@ Sampling = Literal["mixed", "per_rank", "per_step"]
 #: ``per_step`` (the datamodule yields every task; the model picks one per step).
 SAMPLING_MODES: tuple[str, ...] = ("mixed", "per_rank", "per_step")
 _PASS_STREAM, _WORKER_STREAM, _ITEM_STREAM = 0, 1, 2
-
-
-def _seed(*entropy: int) -> int:
-    """A 63-bit seed that depends only on ``entropy`` (non-negative integers)."""
-    words = [int(value) % 2**64 for value in entropy]
-    return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 class TaskEpochSampler(DistributedSampler):
@@ -110,7 +105,7 @@ class TaskEpochSampler(DistributedSampler):
         if self._resume is not None and self._resume[0] != epoch:
             self._resume = None
         self.epoch = epoch
-        self.loader_generator.manual_seed(_seed(self.seed, _WORKER_STREAM, self.task_index, epoch, self.rank))
+        self.loader_generator.manual_seed(derive_seed(self.seed, _WORKER_STREAM, self.task_index, epoch, self.rank))
 
     def resume(self, epoch: int, batches: int) -> None:
         """Make the next pass read ``epoch`` from local batch ``batches`` on (``batches`` already trained)."""
@@ -126,7 +121,7 @@ class TaskEpochSampler(DistributedSampler):
         """The global sequence of ``epoch`` over all ranks of the task (``total_size`` indices)."""
         passes = []
         for c in range(math.ceil(self.total_size / self.dataset_size)):
-            generator = torch.Generator().manual_seed(_seed(self.seed, _PASS_STREAM, self.task_index, epoch, c))
+            generator = torch.Generator().manual_seed(derive_seed(self.seed, _PASS_STREAM, self.task_index, epoch, c))
             passes.append(torch.randperm(self.dataset_size, generator=generator))
         return torch.cat(passes)[: self.total_size].tolist()
 
@@ -138,7 +133,7 @@ class TaskEpochSampler(DistributedSampler):
         indices = self.global_indices(epoch)[self.rank :: self.num_replicas][start * self.batch_size :]
         self.set_epoch(epoch + 1)
         for position, index in zip(positions, indices, strict=True):
-            yield (index, _seed(self.seed, _ITEM_STREAM, self.task_index, epoch, position))
+            yield (index, derive_seed(self.seed, _ITEM_STREAM, self.task_index, epoch, position))
 
     def __len__(self) -> int:
         return self.num_samples

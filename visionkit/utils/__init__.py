@@ -1,4 +1,4 @@
-"""Helpers every layer needs: atomic file writes, distributed collectives, constants of the data contracts.
+"""Helpers every layer needs: atomic file writes, distributed collectives, derived seeds, data-contract constants.
 
 This package imports nothing of visionkit, so ``ops``, ``models``, ``data``, ``eval``, ``tasks`` and ``methods`` can all
 use it without an upward arrow.
@@ -13,6 +13,7 @@ from visionkit.utils.distributed import (
     run_on_rank0,
 )
 from visionkit.utils.io import atomic_write, remove_stale_temporaries, write_json_atomic
+from visionkit.utils.seeding import derive_seed
 
 __all__ = [
     "CLIP_MEAN",
@@ -22,6 +23,7 @@ __all__ = [
     "IMAGENET_STD",
     "all_gather_objects",
     "atomic_write",
+    "derive_seed",
     "gather_to_rank0",
     "get_rank",
     "get_world_size",

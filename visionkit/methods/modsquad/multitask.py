@@ -37,6 +37,7 @@ from visionkit.methods.modsquad.losses import UncertaintyWeighting
 from visionkit.methods.modsquad.routing_stats import attach_routing_stats, mutual_information_total
 from visionkit.methods.modsquad.task_view import TaskView
 from visionkit.tasks import BaseTask, ClassificationTask, InstanceSegmentationTask, SemanticSegmentationTask
+from visionkit.utils.seeding import derive_seed
 
 __all__ = ["TASK_KINDS", "MultiTaskTask"]
 
@@ -230,8 +231,7 @@ class MultiTaskTask(BaseTask):
         in an uninterrupted one (the data side seeds every item: ``MultiTaskDataModule``).
         """
         base = self.hparams.seed if self.hparams.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
-        entropy = [int(base) % 2**32, int(self.global_step), int(self.global_rank)]
-        torch.manual_seed(int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> 1))
+        torch.manual_seed(derive_seed(int(base), int(self.global_step), int(self.global_rank)))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         """Each selected task's own training step (it logs ``train/<task>/...``), the weighted sum, the MI loss."""
