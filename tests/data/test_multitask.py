@@ -324,6 +324,7 @@ def test_lightning_keeps_the_loader_and_sampler_under_ddp(tmp_path):
 DDP_SCRIPT = """
 import json, sys
 import lightning.pytorch as pl
+import torch
 from tests.data.test_multitask import IdRecorder, TensorDataModule
 from visionkit.data import MultiTaskDataModule
 
@@ -339,6 +340,10 @@ samplers = {name: [type(loader).__name__, type(loader.sampler).__name__]
             for name, loader in trainer.train_dataloader.items()}
 with open(f"{out}/rank{trainer.global_rank}.json", "w") as f:
     json.dump({"seen": model.seen, "samplers": samplers}, f)
+# leave the process group before exit: gloo can abort ("terminate called without an active exception") when the
+# interpreter tears it down itself
+if torch.distributed.is_initialized():
+    torch.distributed.destroy_process_group()
 """
 
 

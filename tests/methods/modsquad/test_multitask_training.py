@@ -155,6 +155,10 @@ cli = main(["fit", f"--config={config}", f"--trainer.default_root_dir={out}", "-
 metrics = {k: float(v) for k, v in cli.trainer.logged_metrics.items()}
 with open(f"{out}/metrics{cli.trainer.global_rank}.json", "w") as f:
     json.dump(metrics, f)
+# leave the process group before exit: gloo can abort ("terminate called without an active exception") when the
+# interpreter tears it down itself
+if torch.distributed.is_initialized():
+    torch.distributed.destroy_process_group()
 """
 
 
